@@ -1,0 +1,72 @@
+"""Settings from TF_* environment variables, read once at process start.
+
+Business logic never reads the environment: each service builds a `Settings` in its entry
+point and passes the values it needs down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    ledger_addr: str
+    metering_addr: str
+    router_addr: str
+    edge_host: str
+    edge_port: int
+    sim_host: str
+    sim_port: int
+    database_url: str
+    catalog_path: str
+    admin_token: str
+    max_body_bytes: int
+    hold_ttl_s: int
+    hold_ttl_max_s: int
+    key_cache_ttl_s: float
+    request_deadline_s: float
+    db_pool_size: int
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+        return cls(
+            ledger_addr=e.get("TF_LEDGER_ADDR", "127.0.0.1:50061"),
+            metering_addr=e.get("TF_METERING_ADDR", "127.0.0.1:50062"),
+            router_addr=e.get("TF_ROUTER_ADDR", "127.0.0.1:50063"),
+            edge_host=e.get("TF_EDGE_HOST", "127.0.0.1"),
+            edge_port=_int(e, "TF_EDGE_PORT", 8080),
+            sim_host=e.get("TF_SIM_HOST", "127.0.0.1"),
+            sim_port=_int(e, "TF_SIM_PORT", 9101),
+            database_url=e.get("TF_DATABASE_URL", ""),
+            catalog_path=e.get("TF_CATALOG", ""),
+            admin_token=e.get("TF_ADMIN_TOKEN", ""),
+            max_body_bytes=_int(e, "TF_MAX_BODY_BYTES", 4 * 1024 * 1024),
+            hold_ttl_s=_int(e, "TF_HOLD_TTL_S", 600),
+            hold_ttl_max_s=_int(e, "TF_HOLD_TTL_MAX_S", 86_400),
+            key_cache_ttl_s=_float(e, "TF_KEY_CACHE_TTL_S", 1.0),
+            request_deadline_s=_float(e, "TF_REQUEST_DEADLINE_S", 120.0),
+            db_pool_size=_int(e, "TF_DB_POOL_SIZE", 8),
+        )

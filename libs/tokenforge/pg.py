@@ -1,0 +1,35 @@
+"""The embedded PostgreSQL (from the `pgserver` package) for one machine and for tests.
+
+`pgserver` ships real PostgreSQL binaries; it runs the server over a Unix socket under the
+data folder and stops it when `stop()` is called or this process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("tokenforge.pg")
+
+
+@dataclass
+class EmbeddedPostgres:
+    server: Any
+    url: str
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def start_embedded(data_dir: str | os.PathLike[str]) -> EmbeddedPostgres:
+    """Start (or reuse) PostgreSQL with its data under `data_dir`; returns its URL."""
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    import pgserver
+
+    pgdata = pathlib.Path(data_dir).resolve()
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    return EmbeddedPostgres(server=server, url=server.get_uri())

@@ -1,0 +1,1 @@
+"""tokenforge ledger service."""

@@ -1,0 +1,1 @@
+"""tokenforge router service."""

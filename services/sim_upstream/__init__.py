@@ -1,0 +1,1 @@
+"""tokenforge sim_upstream service."""
