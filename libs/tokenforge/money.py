@@ -12,14 +12,14 @@ never smaller than the cost it covers.
 from __future__ import annotations
 
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
-from enum import Enum
+from enum import StrEnum
 
 NANO_PER_UNIT = 1_000_000_000
 TOKENS_PER_PRICE = 1_000_000
 _NANO = Decimal(1) / NANO_PER_UNIT
 
 
-class Bucket(str, Enum):
+class Bucket(StrEnum):
     WALLET = "wallet"
     CREDIT = "credit"
 

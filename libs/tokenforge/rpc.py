@@ -63,6 +63,10 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
                 code, message, md = _error_status(err)
                 context.set_trailing_metadata(md)
                 await context.abort(code, message)
+            finally:
+                # A client that went away closes us at a yield: close the inner generator
+                # now, so it settles what it started instead of waiting for the GC.
+                await gen.aclose()
 
         return stream_wrapper
 

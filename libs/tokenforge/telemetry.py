@@ -24,12 +24,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
     SamplingResult,
     TraceIdRatioBased,
-    ALWAYS_ON,
 )
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes

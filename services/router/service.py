@@ -1,0 +1,631 @@
+"""One request's life (DESIGN.md, the settlement protocol): authenticate, pick channels,
+quote, hold, attempt with tenacity (retry, then fall back), settle with a receipt built from
+the attempt spans. Knows nothing of SQL; money moves only through the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tokenforge.catalog import Catalog
+from tokenforge.errors import TFError
+from tokenforge.money import Bucket, format_nano, format_price
+from tokenforge.router import spans as attempt_spans
+from tokenforge.router.clients import Backends
+from tokenforge.router.keys import KeyCache, KeyInfo, secret_from_metadata
+from tokenforge.router.policy import Eligible, eligible_channels, visible_models
+from tokenforge.router.request import ChatRequest, parse_chat_request, upstream_body
+from tokenforge.router.upstream import (
+    AttemptFailed,
+    OpenStream,
+    UpstreamPool,
+    open_stream,
+    post_json,
+)
+from tokenforge.router.usage import delta_text, message_text, usage_from_openai
+from tokenforge.telemetry import AttemptCollector, hex_trace_id
+from tokenforge.v1 import common_pb2, ledger_pb2, metering_pb2, router_pb2
+
+log = logging.getLogger("tokenforge.router")
+T = TypeVar("T")
+
+RETRY_AFTER_CAP_S = 10.0
+BACKOFF_FIRST_S = 0.05
+BACKOFF_CAP_S = 1.0
+REFUSAL_CODES = frozenset({"insufficient_balance", "key_budget_exceeded", "run_budget_exceeded"})
+
+
+@dataclass
+class Ticket:
+    """An admitted request: authenticated, priced and holding money."""
+
+    request_id: str
+    key: KeyInfo
+    req: ChatRequest
+    eligible: list[Eligible]
+    run_id: str
+    run_step: str
+    span: Span
+    ctx: otel_context.Context
+    deadline: float
+    max_output_per_choice: int
+    prompt_tokens: int = 0
+    holds: dict[Bucket, int] = field(default_factory=dict)
+    attempts: int = 0
+
+
+@dataclass
+class Rated:
+    usage: dict[str, int]
+    usage_source: str
+    amount_nano: int
+    bucket: Bucket
+    price: common_pb2.Price
+    compare_nano: int
+
+
+@dataclass
+class Done:
+    """The attempt whose output the client received."""
+
+    el: Eligible
+    n: int
+    rated: Rated
+    body: dict[str, Any] | None = None
+
+
+class AllFailed(Exception):
+    def __init__(self, last: AttemptFailed | None, all_timeouts: bool) -> None:
+        super().__init__(last.error if last else "no channel could be tried")
+        self.last = last
+        self.all_timeouts = all_timeouts
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        backends: Backends,
+        pool: UpstreamPool,
+        collector: AttemptCollector,
+        key_cache_ttl_s: float,
+        request_deadline_s: float,
+    ) -> None:
+        self.catalog = catalog
+        self.backends = backends
+        self.pool = pool
+        self.collector = collector
+        self.keys = KeyCache(key_cache_ttl_s)
+        self.request_deadline_s = request_deadline_s
+        self.tracer = trace.get_tracer("tokenforge.router")
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ---- admission -------------------------------------------------------------------------
+
+    async def authenticate(self, metadata: Any, ctx: otel_context.Context | None = None) -> KeyInfo:
+        secret = secret_from_metadata(metadata)
+        digest = KeyCache.digest(secret)
+        key = self.keys.get(digest)
+        if key is None:
+            pb = await self.backends.call(
+                self.backends.ledger.AuthenticateKey, ledger_pb2.AuthenticateKeyRequest(secret=secret), ctx
+            )
+            key = KeyInfo.from_pb(pb)
+            self.keys.put(digest, key)
+        return key
+
+    def list_models(self, key: KeyInfo) -> list[str]:
+        return visible_models(self.catalog, key.route_policy, key.allowed_models)
+
+    async def _admit(
+        self, key: KeyInfo, req: ChatRequest, pb: router_pb2.ChatCompletionRequest, parent: otel_context.Context | None
+    ) -> Ticket:
+        eligible = eligible_channels(self.catalog, req.model, key.route_policy, key.allowed_models)
+        model = self.catalog.models[req.model]
+        span = self.tracer.start_span(
+            f"chat {req.model}",
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": req.model,
+                "tf.key_id": key.id,
+                "tf.route_policy": key.route_policy,
+                "tf.stream": req.stream,
+            },
+        )
+        ctx = trace.set_span_in_context(span, parent)
+        request_id = f"req_{uuid.uuid4().hex}"
+        if pb.request_id:
+            request_id = f"{key.id}:{pb.request_id}"[:200]
+        span.set_attribute("tf.request_id", request_id)
+        if pb.run_id:
+            span.set_attribute("tf.run_id", pb.run_id)
+        ticket = Ticket(
+            request_id=request_id,
+            key=key,
+            req=req,
+            eligible=eligible,
+            run_id=pb.run_id,
+            run_step=pb.run_step,
+            span=span,
+            ctx=ctx,
+            deadline=asyncio.get_running_loop().time() + self.request_deadline_s,
+            max_output_per_choice=req.max_tokens or model.max_output_tokens,
+        )
+        try:
+            await self._hold(ticket, eligible[0])
+        except TFError as err:
+            span.set_status(Status(StatusCode.ERROR, err.code))
+            span.set_attribute("error.type", err.code)
+            span.end()
+            if ticket.run_id and err.code in REFUSAL_CODES:
+                await self._record_refusal(ticket, err.code)
+            raise
+        return ticket
+
+    async def _hold(self, t: Ticket, el: Eligible) -> None:
+        """Quote `el`'s worst case and hold it in `el`'s bucket."""
+        channel = el.channel.channel
+        quote = await self.backends.call(
+            self.backends.metering.Quote,
+            metering_pb2.QuoteRequest(
+                model=t.req.model,
+                channel_id=channel.id,
+                messages_json=t.req.messages_json,
+                max_tokens=t.max_output_per_choice * t.req.n,
+            ),
+            t.ctx,
+        )
+        t.prompt_tokens = quote.prompt_tokens
+        await self.backends.call(
+            self.backends.ledger.Hold,
+            ledger_pb2.HoldRequest(
+                request_id=t.request_id,
+                key_id=t.key.id,
+                bucket=channel.bucket.to_pb(),
+                amount_nano=quote.amount_nano,
+                run_id=t.run_id,
+            ),
+            t.ctx,
+        )
+        t.holds[channel.bucket] = quote.amount_nano
+
+    async def _record_refusal(self, t: Ticket, code: str) -> None:
+        try:
+            await self.backends.call(
+                self.backends.ledger.RecordRefusal,
+                ledger_pb2.RecordRefusalRequest(run_id=t.run_id, key_id=t.key.id, code=code),
+                t.ctx,
+            )
+        except TFError:
+            log.warning("could not record a refusal for run %s", t.run_id)
+
+    async def _ensure_hold(self, t: Ticket, el: Eligible) -> bool:
+        """Before an attempt on another route's channel: hold in its bucket first (policy auto
+        falls back to direct only if Credit covers the hold), then release the old bucket."""
+        bucket = el.channel.channel.bucket
+        if bucket in t.holds:
+            return True
+        try:
+            await self._hold(t, el)
+        except TFError as err:
+            if err.code in REFUSAL_CODES:
+                t.span.add_event("fallback skipped", {"tf.channel": el.channel.channel.id, "tf.reason": err.code})
+                return False
+            raise
+        for other in [b for b in t.holds if b is not bucket]:
+            await self.backends.call(
+                self.backends.ledger.Release,
+                ledger_pb2.ReleaseRequest(request_id=t.request_id, bucket=other.to_pb()),
+                t.ctx,
+            )
+            del t.holds[other]
+        return True
+
+    # ---- attempts --------------------------------------------------------------------------
+
+    def _remaining_s(self, t: Ticket) -> float:
+        return t.deadline - asyncio.get_running_loop().time()
+
+    def _attempt_timeout_s(self, t: Ticket, el: Eligible) -> float:
+        return max(0.001, min(el.channel.channel.timeout_s, self._remaining_s(t)))
+
+    async def _attempt_loop(
+        self, t: Ticket, run_one: Callable[[Ticket, Eligible, int, int], Awaitable[T]]
+    ) -> T:
+        """Tenacity retries each channel up to its `retries`, then we fall back to the next."""
+        last: AttemptFailed | None = None
+        outcomes: list[str] = []
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, AttemptFailed) and exc.retry_after_s is not None:
+                delay = min(exc.retry_after_s, RETRY_AFTER_CAP_S)
+            else:
+                delay = min(BACKOFF_FIRST_S * 2 ** (state.attempt_number - 1), BACKOFF_CAP_S)
+            return max(0.0, min(delay, self._remaining_s(t) - 0.01))
+
+        def out_of_time(state: RetryCallState) -> bool:
+            return self._remaining_s(t) <= 0.01
+
+        for el in t.eligible:
+            if self._remaining_s(t) <= 0.01:
+                break
+            if not await self._ensure_hold(t, el):
+                continue
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(el.channel.channel.retries + 1) | out_of_time,
+                wait=wait,
+                retry=retry_if_exception(lambda e: isinstance(e, AttemptFailed) and e.retryable),
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        t.attempts += 1
+                        resend = attempt.retry_state.attempt_number - 1
+                        return await run_one(t, el, t.attempts, resend)
+            except AttemptFailed as failure:
+                last = failure
+                outcomes.append(failure.outcome)
+                if failure.client_fault:
+                    raise
+        raise AllFailed(last, bool(outcomes) and all(o == "timeout" for o in outcomes))
+
+    def _start_attempt_span(self, t: Ticket, el: Eligible, n: int, resend: int) -> Span:
+        return self.tracer.start_span(
+            f"chat {el.channel.upstream_model}",
+            context=t.ctx,
+            kind=SpanKind.CLIENT,
+            attributes=attempt_spans.attempt_attributes(el, n, resend, t.key.id),
+        )
+
+    async def _count_text(self, t: Ticket, text: str) -> int:
+        if not text:
+            return 0
+        resp = await self.backends.call(
+            self.backends.metering.CountTokens,
+            metering_pb2.CountTokensRequest(model=t.req.model, text=text),
+            t.ctx,
+        )
+        return int(resp.tokens)
+
+    async def _rate(self, t: Ticket, el: Eligible, usage: dict[str, int], source: str) -> Rated:
+        primary = t.eligible[0].channel.channel.id
+        channel = el.channel.channel.id
+        try:
+            resp = await self.backends.call(
+                self.backends.metering.Rate,
+                metering_pb2.RateRequest(
+                    model=t.req.model,
+                    channel_id=channel,
+                    usage=common_pb2.Usage(**usage),
+                    compare_channel_id=primary if primary != channel else "",
+                ),
+                t.ctx,
+            )
+        except TFError as err:
+            if err.code == "invalid_request":
+                raise AttemptFailed(
+                    "bad_response", f"upstream usage contradicts itself: {err.message}", 200, upstream_may_bill=True
+                ) from None
+            raise
+        compare = resp.compare_amount_nano if primary != channel else resp.amount_nano
+        return Rated(usage, source, resp.amount_nano, Bucket.from_pb(resp.bucket), resp.price, compare)
+
+    async def _attempt_unary(self, t: Ticket, el: Eligible, n: int, resend: int) -> Done:
+        span = self._start_attempt_span(t, el, n, resend)
+        try:
+            body = upstream_body(t.req, el.channel.upstream_model, t.max_output_per_choice)
+            data, status = await post_json(
+                self.pool, el.channel.channel, body, t.request_id, n, self._attempt_timeout_s(t, el)
+            )
+            response_model = data.get("model") if isinstance(data.get("model"), str) else None
+            try:
+                usage = usage_from_openai(data.get("usage"))
+            except AttemptFailed as failure:
+                failure.response_model = response_model
+                raise
+            source = "upstream"
+            if usage is None:
+                output = await self._count_text(t, message_text(data.get("choices")))
+                usage = {"input_tokens": t.prompt_tokens, "output_tokens": output,
+                         "cached_input_tokens": 0, "reasoning_tokens": 0}
+                source = "estimated"
+            rated = await self._rate(t, el, usage, source)
+            attempt_spans.record_success(
+                span, outcome="success", http_status=status, response_model=response_model,
+                usage=usage, usage_source=source, charged=format_nano(rated.amount_nano),
+            )
+            data["model"] = t.req.model
+            return Done(el, n, rated, data)
+        except AttemptFailed as failure:
+            attempt_spans.record_failure(span, failure)
+            raise
+        except BaseException:
+            span.set_attribute("tf.outcome", "cancelled")
+            span.set_attribute("tf.upstream_may_bill", True)
+            raise
+        finally:
+            span.end()
+
+    # ---- settlement ------------------------------------------------------------------------
+
+    def _receipt_draft(self, t: Ticket, status: str, done: Done | None) -> dict[str, Any]:
+        attempts = [attempt_spans.attempt_from_span(s) for s in self.collector.take(t.span.get_span_context().span_id)]
+        primary = t.eligible[0].channel
+        primary_unit = primary.channel.bucket.unit
+        draft: dict[str, Any] = {
+            "trace_id": hex_trace_id(t.span.get_span_context().trace_id),
+            "request_id": t.request_id,
+            "key": {"id": t.key.id, "name": t.key.name},
+            "account_id": t.key.account_id,
+            "run": {"id": t.run_id, "step": t.run_step or None} if t.run_id else None,
+            "route_policy": t.key.route_policy,
+            "requested_model": t.req.model,
+            "stream": t.req.stream,
+            "status": status,
+            "final_attempt": attempts[-1]["n"] if attempts else 0,
+            "attempts": attempts,
+            "usage": None,
+            "usage_source": None,
+            "price": None,
+        }
+        if done is None:
+            draft["fallback"] = {
+                "used": any(a["role"] == "backup" for a in attempts),
+                "primary_channel": primary.channel.id,
+                "primary_unit": primary_unit,
+                "primary_price_amount": None,
+                "extra_cost": None,
+            }
+            return draft
+        r = done.rated
+        draft["usage"] = {k: r.usage[k] for k in ("input_tokens", "output_tokens", "cached_input_tokens")}
+        draft["usage_source"] = r.usage_source
+        draft["price"] = {
+            "unit": r.bucket.unit,
+            "input": format_price(r.price.input_nano),
+            "output": format_price(r.price.output_nano),
+            "cached_input": format_price(r.price.cached_input_nano),
+        }
+        used = done.el.channel.channel.id != primary.channel.id
+        same_unit = primary_unit == r.bucket.unit
+        draft["fallback"] = {
+            "used": used,
+            "primary_channel": primary.channel.id,
+            "primary_unit": primary_unit,
+            "primary_price_amount": format_nano(r.compare_nano),
+            "extra_cost": format_nano(r.amount_nano - r.compare_nano) if same_unit else None,
+        }
+        return draft
+
+    async def _settle(self, t: Ticket, status: str, done: Done | None) -> router_pb2.Settlement:
+        draft = self._receipt_draft(t, status, done)
+        bucket = done.rated.bucket if done else None
+        resp = await self.backends.call(
+            self.backends.ledger.Settle,
+            ledger_pb2.SettleRequest(
+                request_id=t.request_id,
+                key_id=t.key.id,
+                bucket=bucket.to_pb() if bucket else common_pb2.BUCKET_UNSPECIFIED,
+                rated_nano=done.rated.amount_nano if done else 0,
+                status=status,
+                receipt_json=json.dumps(draft, separators=(",", ":")).encode(),
+                run_id=t.run_id,
+                run_step=t.run_step,
+            ),
+            t.ctx,
+        )
+        t.span.set_attribute("tf.receipt_id", resp.receipt_id)
+        t.span.set_attribute("tf.status", status)
+        return router_pb2.Settlement(
+            receipt_id=resp.receipt_id,
+            amount=format_nano(resp.amount_nano),
+            unit=bucket.unit if bucket else (t.eligible[0].channel.channel.bucket.unit),
+            attempts=t.attempts,
+            status=status,
+        )
+
+    async def _settle_failure(self, t: Ticket, exc: BaseException) -> TFError:
+        """All attempts failed (or the upstream refused the request): a `failed` receipt,
+        nothing charged, and the error the client gets."""
+        settlement = await self._settle(t, "failed", None)
+        if isinstance(exc, AttemptFailed) and exc.client_fault:
+            err = TFError("invalid_request", f"The upstream rejected the request: {exc.error}", None)
+        elif isinstance(exc, AllFailed) and exc.all_timeouts:
+            err = TFError("upstream_timeout", f"Every eligible channel timed out ({t.attempts} attempts). The receipt lists them.")
+        else:
+            last = exc.last.error if isinstance(exc, AllFailed) and exc.last else "no channel could be tried"
+            err = TFError("upstream_error", f"Every eligible channel failed ({t.attempts} attempts); last: {last}. The receipt lists them.")
+        err.receipt_id = settlement.receipt_id
+        err.attempts = t.attempts
+        return err
+
+    def _in_background(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _finish_abandoned(self, t: Ticket) -> None:
+        """The caller went away before an answer: release everything, `cancelled` receipt."""
+        try:
+            await self._settle(t, "cancelled", None)
+        except Exception:
+            log.exception("settling abandoned request %s failed; its holds expire on their own", t.request_id)
+        finally:
+            t.span.end()
+
+    # ---- unary -----------------------------------------------------------------------------
+
+    async def chat(self, metadata: Any, pb: router_pb2.ChatCompletionRequest) -> tuple[router_pb2.ChatCompletionResponse, Any]:
+        key = await self.authenticate(metadata)
+        req = parse_chat_request(pb.body_json, streaming_call=False)
+        t = await self._admit(key, req, pb, None)
+        try:
+            done = await self._attempt_loop(t, self._attempt_unary)
+        except (AllFailed, AttemptFailed) as exc:
+            err = await self._settle_failure(t, exc)
+            t.span.end()
+            raise err from None
+        except asyncio.CancelledError:
+            self._in_background(self._finish_abandoned(t))
+            raise
+        except BaseException:
+            self._in_background(self._finish_abandoned(t))
+            raise
+        try:
+            settlement = await self._settle(t, "settled", done)
+        finally:
+            t.span.end()
+        body = json.dumps(done.body, separators=(",", ":")).encode()
+        return router_pb2.ChatCompletionResponse(body_json=body, settlement=settlement), t
+
+    # ---- streaming -------------------------------------------------------------------------
+
+    async def _attempt_stream_open(self, t: Ticket, el: Eligible, n: int, resend: int) -> tuple[Eligible, int, Span, OpenStream]:
+        span = self._start_attempt_span(t, el, n, resend)
+        try:
+            body = upstream_body(t.req, el.channel.upstream_model, t.max_output_per_choice)
+            stream = await open_stream(
+                self.pool, el.channel.channel, body, t.request_id, n, self._attempt_timeout_s(t, el)
+            )
+        except AttemptFailed as failure:
+            attempt_spans.record_failure(span, failure)
+            span.end()
+            raise
+        except BaseException:
+            span.set_attribute("tf.outcome", "cancelled")
+            span.set_attribute("tf.upstream_may_bill", True)
+            span.end()
+            raise
+        return el, n, span, stream
+
+    async def stream(
+        self, metadata: Any, pb: router_pb2.ChatCompletionRequest, parent: otel_context.Context | None
+    ) -> AsyncIterator[router_pb2.ChatCompletionChunk]:
+        key = await self.authenticate(metadata, parent)
+        req = parse_chat_request(pb.body_json, streaming_call=True)
+        t = await self._admit(key, req, pb, parent)
+        try:
+            el, n, span, upstream = await self._attempt_loop(t, self._attempt_stream_open)
+        except (AllFailed, AttemptFailed) as exc:
+            err = await self._settle_failure(t, exc)
+            t.span.end()
+            raise err from None
+        except BaseException:
+            self._in_background(self._finish_abandoned(t))
+            raise
+
+        state = _StreamState()
+        try:
+            async for event in upstream.events():
+                chunk = state.take(event, t.req)
+                if chunk is not None:
+                    yield router_pb2.ChatCompletionChunk(chunk_json=chunk)
+        except (AttemptFailed, httpx.HTTPError) as exc:
+            state.broken = exc.error if isinstance(exc, AttemptFailed) else f"stream broke: {type(exc).__name__}"
+        except BaseException:
+            # The client went away (cancelled or closed at a yield): finish without it.
+            self._in_background(self._finish_stream(t, el, n, span, upstream, state, "cancelled"))
+            raise
+        if state.broken is not None:
+            error = TFError("upstream_error", f"The upstream stream broke after output began: {state.broken}")
+            yield router_pb2.ChatCompletionChunk(error_json=json.dumps(error.openai_body()).encode())
+            settlement = await self._finish_stream(t, el, n, span, upstream, state, "partial")
+        else:
+            settlement = await self._finish_stream(t, el, n, span, upstream, state, "settled")
+        yield router_pb2.ChatCompletionChunk(settlement=settlement)
+
+    async def _finish_stream(
+        self, t: Ticket, el: Eligible, n: int, span: Span, upstream: OpenStream, state: _StreamState, status: str
+    ) -> router_pb2.Settlement:
+        try:
+            await upstream.aclose()
+            text = state.text()
+            source = "upstream"
+            try:
+                usage = usage_from_openai(state.usage_raw)
+            except AttemptFailed:
+                usage = None
+            if usage is None:
+                source = "estimated"
+                if status == "cancelled" and not text:
+                    usage = None  # nothing generated: nothing charged (SPEC §7 rule 8)
+                else:
+                    usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
+                             "cached_input_tokens": 0, "reasoning_tokens": 0}
+            outcome = {"settled": "success", "partial": "stream_error", "cancelled": "cancelled"}[status]
+            done = None
+            if usage is not None:
+                try:
+                    rated = await self._rate(t, el, usage, source)
+                except AttemptFailed:
+                    usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
+                             "cached_input_tokens": 0, "reasoning_tokens": 0}
+                    source = "estimated"
+                    rated = await self._rate(t, el, usage, source)
+                done = Done(el, n, rated)
+            attempt_spans.record_success(
+                span, outcome=outcome, http_status=200, response_model=state.response_model,
+                usage=usage, usage_source=source,
+                charged=format_nano(done.rated.amount_nano) if done else "0",
+                error=state.broken if status == "partial" else ("client went away" if status == "cancelled" else None),
+            )
+            span.end()
+            return await self._settle(t, status, done)
+        finally:
+            if span.is_recording():
+                span.end()
+            t.span.end()
+
+    async def aclose(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=10)
+
+
+class _StreamState:
+    """What has passed through a stream so far."""
+
+    MAX_TEXT_CHARS = 4_000_000
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.chars = 0
+        self.usage_raw: Any = None
+        self.response_model: str | None = None
+        self.broken: str | None = None
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def take(self, event: dict[str, Any], req: ChatRequest) -> bytes | None:
+        """Record one upstream chunk; return what the client gets (None: nothing)."""
+        if event.get("usage"):
+            self.usage_raw = event["usage"]
+        model = event.get("model")
+        if isinstance(model, str):
+            self.response_model = model
+        choices = event.get("choices")
+        piece = delta_text(choices)
+        if piece and self.chars < self.MAX_TEXT_CHARS:
+            self.parts.append(piece)
+            self.chars += len(piece)
+        if not choices and event.get("usage") is not None and not req.include_usage:
+            return None
+        if not req.include_usage:
+            event.pop("usage", None)
+        event["model"] = req.model
+        return json.dumps(event, separators=(",", ":")).encode()
