@@ -196,7 +196,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released_nano: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
-    __slots__ = ("request_id", "key_id", "bucket", "rated_nano", "status", "receipt_json", "run_id", "run_step")
+    __slots__ = ("request_id", "key_id", "bucket", "rated_nano", "status", "receipt_json", "run_id", "run_step", "receipt_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class SettleRequest(_message.Message):
     RECEIPT_JSON_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     bucket: _common_pb2.Bucket
@@ -213,7 +214,8 @@ class SettleRequest(_message.Message):
     receipt_json: bytes
     run_id: str
     run_step: str
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., rated_nano: _Optional[int] = ..., status: _Optional[str] = ..., receipt_json: _Optional[bytes] = ..., run_id: _Optional[str] = ..., run_step: _Optional[str] = ...) -> None: ...
+    receipt_id: str
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., rated_nano: _Optional[int] = ..., status: _Optional[str] = ..., receipt_json: _Optional[bytes] = ..., run_id: _Optional[str] = ..., run_step: _Optional[str] = ..., receipt_id: _Optional[str] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
     __slots__ = ("receipt_id", "amount_nano", "uncollected_nano", "held_nano", "released_nano", "replayed")
