@@ -33,7 +33,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def StreamChatCompletion(
         self, request: router_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext, parent: Any
     ) -> AsyncIterator[router_pb2.ChatCompletionChunk]:
-        async for chunk in self.router.stream(context.invocation_metadata(), request, parent):
+        async def announce(receipt_id: str, trace_id: str) -> None:
+            await context.send_initial_metadata(((MD_RECEIPT, receipt_id), ("tf-trace-id", trace_id)))
+
+        async for chunk in self.router.stream(context.invocation_metadata(), request, parent, announce):
             yield chunk
 
     @rpc_method

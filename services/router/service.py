@@ -59,6 +59,7 @@ class Ticket:
     ctx: otel_context.Context
     deadline: float
     max_output_per_choice: int
+    receipt_id: str = ""
     prompt_tokens: int = 0
     holds: dict[Bucket, int] = field(default_factory=dict)
     attempts: int = 0
@@ -163,6 +164,7 @@ class Router:
             ctx=ctx,
             deadline=asyncio.get_running_loop().time() + self.request_deadline_s,
             max_output_per_choice=req.max_tokens or model.max_output_tokens,
+            receipt_id=f"rcpt_{uuid.uuid4().hex[:24]}",
         )
         try:
             await self._hold(ticket, eligible[0])
@@ -426,6 +428,7 @@ class Router:
                 receipt_json=json.dumps(draft, separators=(",", ":")).encode(),
                 run_id=t.run_id,
                 run_step=t.run_step,
+                receipt_id=t.receipt_id,
             ),
             t.ctx,
         )
@@ -514,11 +517,23 @@ class Router:
         return el, n, span, stream
 
     async def stream(
-        self, metadata: Any, pb: router_pb2.ChatCompletionRequest, parent: otel_context.Context | None
+        self,
+        metadata: Any,
+        pb: router_pb2.ChatCompletionRequest,
+        parent: otel_context.Context | None,
+        announce: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> AsyncIterator[router_pb2.ChatCompletionChunk]:
+        """`announce(receipt_id, trace_id)` is called once the request is admitted, before
+        any upstream call, so the caller can send the receipt id ahead of the first chunk."""
         key = await self.authenticate(metadata, parent)
         req = parse_chat_request(pb.body_json, streaming_call=True)
         t = await self._admit(key, req, pb, parent)
+        if announce is not None:
+            try:
+                await announce(t.receipt_id, hex_trace_id(t.span.get_span_context().trace_id))
+            except BaseException:
+                self._in_background(self._finish_abandoned(t))
+                raise
         try:
             el, n, span, upstream = await self._attempt_loop(t, self._attempt_stream_open)
         except (AllFailed, AttemptFailed) as exc:

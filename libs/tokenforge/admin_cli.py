@@ -1,0 +1,194 @@
+"""`tokenforge admin|receipt|run report`: talk to a running stack's edge over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import uuid
+from typing import Any
+
+import httpx
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("TF_EDGE_URL", "http://127.0.0.1:8080"),
+                        help="the edge URL (default $TF_EDGE_URL or http://127.0.0.1:8080)")
+    parser.add_argument("--admin-token", default=None,
+                        help="admin token (default $TF_ADMIN_TOKEN or DATA_DIR/admin-token)")
+    parser.add_argument("--data-dir", default="./.tokenforge", help="where `up` wrote admin-token")
+    parser.add_argument("--api-key", default=os.environ.get("TOKENFORGE_API_KEY"),
+                        help="an API key, for commands a key may run itself")
+    parser.add_argument("--json", action="store_true", help="print raw JSON")
+
+
+def add_arguments(admin: argparse.ArgumentParser) -> None:
+    add_connection_arguments(admin)
+    sub = admin.add_subparsers(dest="admin_command", required=True)
+    acct = sub.add_parser("account", help="accounts")
+    acct_sub = acct.add_subparsers(dest="action", required=True)
+    create = acct_sub.add_parser("create")
+    create.add_argument("name")
+    show = acct_sub.add_parser("show")
+    show.add_argument("account_id")
+
+    topup = sub.add_parser("topup", help="add money to a bucket")
+    topup.add_argument("account_id")
+    topup.add_argument("bucket", choices=["wallet", "credit"])
+    topup.add_argument("amount", help='a decimal string, e.g. "10.00"')
+    topup.add_argument("--idempotency-key", default=None)
+
+    key = sub.add_parser("key", help="API keys")
+    key_sub = key.add_subparsers(dest="action", required=True)
+    kc = key_sub.add_parser("create")
+    kc.add_argument("--account", required=True)
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--route-policy", choices=["routed", "direct", "auto"], default="routed")
+    kc.add_argument("--allowed-models", default="", help="comma-separated")
+    kc.add_argument("--wallet-daily", default=None)
+    kc.add_argument("--wallet-total", default=None)
+    kc.add_argument("--credit-daily", default=None)
+    kc.add_argument("--credit-total", default=None)
+    kr = key_sub.add_parser("revoke")
+    kr.add_argument("key_id")
+    kl = key_sub.add_parser("list")
+    kl.add_argument("--account", required=True)
+
+    bal = sub.add_parser("balances", help="an account's buckets")
+    bal.add_argument("account_id")
+    sub.add_parser("audit", help="check every balance against its postings")
+    st = sub.add_parser("statement", help="an account's statement")
+    st.add_argument("account_id")
+    st.add_argument("--limit", type=int, default=50)
+    st.add_argument("--after", default="")
+
+
+def _admin_token(ns: argparse.Namespace) -> str:
+    if ns.admin_token:
+        return str(ns.admin_token)
+    if os.environ.get("TF_ADMIN_TOKEN"):
+        return os.environ["TF_ADMIN_TOKEN"]
+    path = pathlib.Path(ns.data_dir) / "admin-token"
+    if path.exists():
+        return path.read_text().strip()
+    raise SystemExit("no admin token: pass --admin-token, set TF_ADMIN_TOKEN, or run from the folder where `tokenforge up` ran")
+
+
+def _request(ns: argparse.Namespace, method: str, path: str, body: Any = None, *, admin: bool = True) -> Any:
+    token = _admin_token(ns) if admin else ns.api_key
+    if not token:
+        raise SystemExit("this command needs --api-key (or TOKENFORGE_API_KEY)")
+    try:
+        resp = httpx.request(method, ns.url.rstrip("/") + path, json=body,
+                             headers={"authorization": f"Bearer {token}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach the edge at {ns.url}: {exc}") from None
+    data = resp.json()
+    if resp.status_code >= 400:
+        err = data.get("error", {})
+        raise SystemExit(f"error {resp.status_code} {err.get('code')}: {err.get('message')}")
+    return data
+
+
+def _print(ns: argparse.Namespace, data: Any, text: str | None = None) -> None:
+    if ns.json or text is None:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text)
+
+
+def _balances_text(data: dict[str, Any]) -> str:
+    lines = [f"account {data['id']} ({data['name']})", f"{'bucket':8} {'unit':7} {'balance':>18} {'held':>18} {'available':>18}"]
+    for name, b in data["buckets"].items():
+        lines.append(f"{name:8} {b['unit']:7} {b['balance']:>18} {b['held']:>18} {b['available']:>18}")
+    return "\n".join(lines)
+
+
+def run_admin(ns: argparse.Namespace) -> int:
+    cmd = ns.admin_command
+    if cmd == "account" and ns.action == "create":
+        data = _request(ns, "POST", "/admin/v1/accounts", {"name": ns.name})
+        _print(ns, data, f"created account {data['id']}")
+    elif cmd in ("account", "balances"):
+        data = _request(ns, "GET", f"/admin/v1/accounts/{ns.account_id}")
+        _print(ns, data, _balances_text(data))
+    elif cmd == "topup":
+        body = {"bucket": ns.bucket, "amount": ns.amount, "idempotency_key": ns.idempotency_key or uuid.uuid4().hex}
+        data = _request(ns, "POST", f"/admin/v1/accounts/{ns.account_id}/topups", body)
+        _print(ns, data, _balances_text(data))
+    elif cmd == "key" and ns.action == "create":
+        limits: dict[str, dict[str, str]] = {}
+        for bucket in ("wallet", "credit"):
+            for period in ("daily", "total"):
+                value = getattr(ns, f"{bucket}_{period}")
+                if value:
+                    limits.setdefault(bucket, {})[period] = value
+        body = {"account_id": ns.account, "name": ns.name, "route_policy": ns.route_policy,
+                "allowed_models": [m for m in ns.allowed_models.split(",") if m], "limits": limits}
+        data = _request(ns, "POST", "/admin/v1/keys", body)
+        _print(ns, data, f"created key {data['id']} ({data['route_policy']})\nsecret (shown once): {data['key']}")
+    elif cmd == "key" and ns.action == "revoke":
+        data = _request(ns, "POST", f"/admin/v1/keys/{ns.key_id}/revoke")
+        _print(ns, data, f"revoked key {data['id']}")
+    elif cmd == "key" and ns.action == "list":
+        data = _request(ns, "GET", f"/admin/v1/keys?account_id={ns.account}")
+        rows = [f"{k['id']:20} {k['name']:20} {k['route_policy']:7} {'revoked' if k['revoked'] else 'active'}" for k in data["data"]]
+        _print(ns, data, "\n".join(rows) or "no keys")
+    elif cmd == "audit":
+        data = _request(ns, "GET", "/admin/v1/audit")
+        _print(ns, data, ("ok" if data["ok"] else "PROBLEMS:\n" + "\n".join(data["problems"])) + f" ({data['accounts_checked']} accounts checked)")
+        return 0 if data["ok"] else 1
+    elif cmd == "statement":
+        data = _request(ns, "GET", f"/admin/v1/accounts/{ns.account_id}/statement?limit={ns.limit}&after={ns.after}")
+        rows = [f"{e['at']:32} {e['kind']:12} {e['bucket'] or '':7} {e['amount']:>18} {e['balance']:>18} {e['receipt_id'] or ''}" for e in data["data"]]
+        _print(ns, data, "\n".join(rows) or "no entries")
+    return 0
+
+
+def receipt_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"receipt {r['id']}  {r['status']}  {r.get('created_at', '')}",
+        f"key {r['key']['id']} ({r['key']['name']})  account {r['account_id']}  policy {r['route_policy']}",
+        f"model asked {r['requested_model']}  trace {r['trace_id']}",
+    ]
+    if r.get("run"):
+        lines.append(f"run {r['run']['id']}  step {r['run'].get('step') or '-'}")
+    lines.append(f"{'#':>2} {'channel':16} {'role':8} {'route':7} {'upstream model':28} {'outcome':17} {'ms':>7} {'charged':>14}")
+    for a in r["attempts"]:
+        lines.append(f"{a['n']:>2} {a['channel']:16} {a['role']:8} {a['route']:7} {a['upstream_model']:28} {a['outcome']:17} {a['duration_ms'] or 0:>7} {a['charged']:>14}")
+        if a.get("error"):
+            lines.append(f"   └ {a['error']}")
+    u = r.get("usage")
+    if u:
+        lines.append(f"tokens in {u['input_tokens']} (cached {u['cached_input_tokens']}) out {u['output_tokens']}  [{r.get('usage_source') or 'upstream'}]")
+    if r.get("price"):
+        p = r["price"]
+        lines.append(f"price per 1M: input {p['input']} output {p['output']} cached {p['cached_input']} {p['unit']}")
+    lines.append(f"amount {r['amount']} {r.get('unit') or ''} from {r.get('bucket') or '-'}  held {r.get('held')}  released {r.get('released')}  uncollected {r.get('uncollected')}")
+    fb = r.get("fallback") or {}
+    if fb.get("used"):
+        lines.append(f"fallback from {fb['primary_channel']}: primary would have cost {fb['primary_price_amount']} {fb['primary_unit']}, extra {fb['extra_cost']}")
+    return "\n".join(lines)
+
+
+def show_receipt(ns: argparse.Namespace) -> int:
+    if ns.api_key:
+        data = _request(ns, "GET", f"/v1/receipts/{ns.id}", admin=False)
+    else:
+        data = _request(ns, "GET", f"/admin/v1/receipts/{ns.id}")
+    _print(ns, data, receipt_text(data))
+    return 0
+
+
+def show_run_report(ns: argparse.Namespace) -> int:
+    from tokenforge.report import report_text
+
+    data = _request(ns, "GET", f"/v1/runs/{ns.id}", admin=False)
+    _print(ns, data, report_text(data))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)

@@ -1,0 +1,218 @@
+"""`tokenforge up`: the whole stack on one machine.
+
+PostgreSQL (embedded, unless TF_DATABASE_URL is set), then the simulator, ledger, metering,
+router and edge as child processes on loopback. Internal ports are picked free so two stacks
+run side by side; only the edge's port is fixed. Ctrl-C or SIGTERM stops every child, then
+PostgreSQL, and leaves no process behind. Children also get SIGTERM if `up` itself dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
+
+HEALTH_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+START_ORDER = ("sim-upstream", "ledger", "metering", "router", "edge")
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when `up` dies, whatever killed it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def admin_token_for(data_dir: pathlib.Path) -> str:
+    token = os.environ.get("TF_ADMIN_TOKEN", "")
+    if token:
+        return token
+    path = data_dir / "admin-token"
+    if path.exists():
+        return path.read_text().strip()
+    token = "tf-admin-" + secrets.token_urlsafe(24)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+def _grpc_healthy(addr: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:  # noqa: S310 - loopback only
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class Stack:
+    def __init__(self, *, catalog: str | None, data_dir: str, http_port: int) -> None:
+        self.data_dir = pathlib.Path(data_dir).resolve()
+        self.http_port = http_port
+        self.catalog_path = str(pathlib.Path(catalog).resolve()) if catalog else str(bundled_catalog_path())
+        self.children: list[Child] = []
+        self.pg = None
+        self.stopping = threading.Event()
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        sim_port = free_port()
+        env.update(
+            TF_LEDGER_ADDR=f"127.0.0.1:{free_port()}",
+            TF_METERING_ADDR=f"127.0.0.1:{free_port()}",
+            TF_ROUTER_ADDR=f"127.0.0.1:{free_port()}",
+            TF_SIM_HOST="127.0.0.1",
+            TF_SIM_PORT=str(sim_port),
+            TF_SIM_URL=f"http://127.0.0.1:{sim_port}",
+            TF_EDGE_HOST="127.0.0.1",
+            TF_EDGE_PORT=str(self.http_port),
+            TF_CATALOG=self.catalog_path,
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def start(self) -> dict[str, str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        env = self._env()
+        try:
+            load_catalog(self.catalog_path, env)
+        except CatalogError as exc:
+            raise SystemExit(f"tokenforge up: bad catalog: {exc}") from None
+        env["TF_ADMIN_TOKEN"] = admin_token_for(self.data_dir)
+        if not env.get("TF_DATABASE_URL"):
+            from tokenforge.pg import start_embedded
+
+            self.pg = start_embedded(self.data_dir / "pg")
+            env["TF_DATABASE_URL"] = self.pg.url
+        for name in START_ORDER:
+            log_path = self.data_dir / "logs" / f"{name}.log"
+            log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tokenforge.cli", "serve", name],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+            log_file.close()
+            self.children.append(Child(name, proc, log_path))
+        return env
+
+    def wait_healthy(self, env: dict[str, str]) -> None:
+        checks = {
+            "sim-upstream": lambda: _http_healthy(f"{env['TF_SIM_URL']}/health"),
+            "ledger": lambda: _grpc_healthy(env["TF_LEDGER_ADDR"]),
+            "metering": lambda: _grpc_healthy(env["TF_METERING_ADDR"]),
+            "router": lambda: _grpc_healthy(env["TF_ROUTER_ADDR"]),
+            "edge": lambda: _http_healthy(f"http://127.0.0.1:{self.http_port}/health"),
+        }
+        pending = {c.name: c for c in self.children}
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while pending:
+            for name, child in list(pending.items()):
+                code = child.proc.poll()
+                if code is not None:
+                    tail = child.log_path.read_text(errors="replace")[-2000:]
+                    raise SystemExit(f"tokenforge up: {name} exited with code {code} while starting:\n{tail}")
+                if checks[name]():
+                    del pending[name]
+            if self.stopping.is_set():
+                raise SystemExit("tokenforge up: stopped while starting")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"tokenforge up: not healthy within {HEALTH_TIMEOUT_S:.0f} s: {', '.join(pending)} (logs in {self.data_dir / 'logs'})")
+            if pending:
+                self.stopping.wait(0.05)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        if self.pg is not None:
+            self.pg.stop()
+            self.pg = None
+
+
+def up(*, catalog: str | None, data_dir: str, http_port: int) -> int:
+    stack = Stack(catalog=catalog, data_dir=data_dir, http_port=http_port)
+
+    def on_signal(signum: int, frame: object) -> None:
+        stack.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
+    try:
+        env = stack.start()
+        stack.wait_healthy(env)
+        elapsed = time.monotonic() - started
+        token = env["TF_ADMIN_TOKEN"]
+        print(f"tokenforge is up in {elapsed:.1f} s", flush=True)
+        print(f"edge: http://127.0.0.1:{stack.http_port}", flush=True)
+        print(f"admin token: {token}", flush=True)
+        print(f"router gRPC: {env['TF_ROUTER_ADDR']}", flush=True)
+        print(f"logs: {stack.data_dir / 'logs'}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        return_code = 0
+        while not stack.stopping.wait(0.5):
+            dead = [c for c in stack.children if c.proc.poll() is not None]
+            if dead:
+                for child in dead:
+                    print(f"tokenforge up: {child.name} exited with code {child.proc.returncode}; "
+                          f"stopping (see {child.log_path})", file=sys.stderr, flush=True)
+                return_code = 1
+                break
+    except SystemExit as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return_code = 1
+    finally:
+        stack.stop()
+    print("tokenforge stopped", flush=True)
+    return return_code
