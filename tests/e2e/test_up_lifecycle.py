@@ -1,0 +1,38 @@
+"""`tokenforge up` on its own data dir: prints the URL and token, keeps data across restarts,
+and leaves no process behind when stopped."""
+
+from __future__ import annotations
+
+import uuid
+
+import psutil
+
+from tests.stackproc import start_stack
+
+
+def test_up_restart_keeps_data_and_stop_leaves_nothing(tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    first = start_stack(data_dir)
+    try:
+        assert first.url.startswith("http://127.0.0.1:")
+        assert first.admin_token.startswith("tf-admin-")
+        assert (data_dir / "admin-token").read_text().strip() == first.admin_token
+        with first.admin() as admin:
+            acct = admin.post("/admin/v1/accounts", json={"name": "keeper"}).json()
+            admin.post(f"/admin/v1/accounts/{acct['id']}/topups",
+                       json={"bucket": "wallet", "amount": "3.50", "idempotency_key": uuid.uuid4().hex})
+        children = first.children()
+        assert len(children) >= 5
+    finally:
+        assert first.stop() == 0
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not (data_dir / "pg" / "postmaster.pid").exists()
+
+    second = start_stack(data_dir)
+    try:
+        assert second.admin_token == first.admin_token
+        with second.admin() as admin:
+            again = admin.get(f"/admin/v1/accounts/{acct['id']}").json()
+        assert again["buckets"]["wallet"]["balance"] == "3.500000"
+    finally:
+        assert second.stop() == 0

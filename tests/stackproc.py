@@ -1,0 +1,94 @@
+"""Start `tokenforge up` as a real subprocess for tests, and stop it cleanly."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import psutil
+
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningStack:
+    proc: subprocess.Popen[str]
+    url: str
+    admin_token: str
+    data_dir: pathlib.Path
+    lines: list[str] = field(default_factory=list)
+    started_s: float = 0.0
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {self.admin_token}"}, timeout=30)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_stack(data_dir: pathlib.Path, *, catalog: pathlib.Path | None = None,
+                env: dict[str, str] | None = None) -> RunningStack:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tokenforge.cli", "up", "--data-dir", str(data_dir), "--http-port", str(port)]
+    if catalog is not None:
+        cmd += ["--catalog", str(catalog)]
+    full_env = dict(os.environ)
+    full_env.pop("TF_ADMIN_TOKEN", None)
+    full_env.update(env or {})
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    url = token = ""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (url and token):
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            raise RuntimeError("tokenforge up did not become ready in time:\n" + "\n".join(seen)) from None
+        if line is None:
+            raise RuntimeError(f"tokenforge up exited with {proc.wait()}:\n" + "\n".join(seen))
+        seen.append(line)
+        if line.startswith("edge: "):
+            url = line.removeprefix("edge: ").strip()
+        elif line.startswith("admin token: "):
+            token = line.removeprefix("admin token: ").strip()
+    return RunningStack(proc, url, token, data_dir, seen, time.monotonic() - started)
