@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenforge/v1/router.proto\x12\rtokenforge.v1\"`\n\x15\x43hatCompletionRequest\x12\x11\n\tbody_json\x18\x01 \x01(\x0c\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08run_step\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"`\n\nSettlement\x12\x12\n\nreceipt_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x0e\n\x06status\x18\x05 \x01(\t\"Z\n\x16\x43hatCompletionResponse\x12\x11\n\tbody_json\x18\x01 \x01(\x0c\x12-\n\nsettlement\x18\x02 \x01(\x0b\x32\x19.tokenforge.v1.Settlement\"z\n\x13\x43hatCompletionChunk\x12\x14\n\nchunk_json\x18\x01 \x01(\x0cH\x00\x12/\n\nsettlement\x18\x02 \x01(\x0b\x32\x19.tokenforge.v1.SettlementH\x00\x12\x14\n\nerror_json\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t2\xa5\x02\n\rRouterService\x12]\n\x0e\x43hatCompletion\x12$.tokenforge.v1.ChatCompletionRequest\x1a%.tokenforge.v1.ChatCompletionResponse\x12\x62\n\x14StreamChatCompletion\x12$.tokenforge.v1.ChatCompletionRequest\x1a\".tokenforge.v1.ChatCompletionChunk0\x01\x12Q\n\nListModels\x12 .tokenforge.v1.ListModelsRequest\x1a!.tokenforge.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenforge/v1/router.proto\x12\rtokenforge.v1\"`\n\x15\x43hatCompletionRequest\x12\x11\n\tbody_json\x18\x01 \x01(\x0c\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08run_step\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"`\n\nSettlement\x12\x12\n\nreceipt_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x0e\n\x06status\x18\x05 \x01(\t\"Z\n\x16\x43hatCompletionResponse\x12\x11\n\tbody_json\x18\x01 \x01(\x0c\x12-\n\nsettlement\x18\x02 \x01(\x0b\x32\x19.tokenforge.v1.Settlement\"z\n\x13\x43hatCompletionChunk\x12\x14\n\nchunk_json\x18\x01 \x01(\x0cH\x00\x12/\n\nsettlement\x18\x02 \x01(\x0b\x32\x19.tokenforge.v1.SettlementH\x00\x12\x14\n\nerror_json\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"$\n\x0fStartRunRequest\x12\x11\n\tbody_json\x18\x01 \x01(\x0c\"\x18\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0bRunResponse\x12\x11\n\tbody_json\x18\x01 \x01(\x0c\x32\xea\x03\n\rRouterService\x12]\n\x0e\x43hatCompletion\x12$.tokenforge.v1.ChatCompletionRequest\x1a%.tokenforge.v1.ChatCompletionResponse\x12\x62\n\x14StreamChatCompletion\x12$.tokenforge.v1.ChatCompletionRequest\x1a\".tokenforge.v1.ChatCompletionChunk0\x01\x12Q\n\nListModels\x12 .tokenforge.v1.ListModelsRequest\x1a!.tokenforge.v1.ListModelsResponse\x12G\n\tCreateRun\x12\x1e.tokenforge.v1.StartRunRequest\x1a\x1a.tokenforge.v1.RunResponse\x12;\n\x06GetRun\x12\x15.tokenforge.v1.RunRef\x1a\x1a.tokenforge.v1.RunResponse\x12=\n\x08\x43loseRun\x12\x15.tokenforge.v1.RunRef\x1a\x1a.tokenforge.v1.RunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_end=476
   _globals['_LISTMODELSRESPONSE']._serialized_start=478
   _globals['_LISTMODELSRESPONSE']._serialized_end=514
-  _globals['_ROUTERSERVICE']._serialized_start=517
-  _globals['_ROUTERSERVICE']._serialized_end=810
+  _globals['_STARTRUNREQUEST']._serialized_start=516
+  _globals['_STARTRUNREQUEST']._serialized_end=552
+  _globals['_RUNREF']._serialized_start=554
+  _globals['_RUNREF']._serialized_end=578
+  _globals['_RUNRESPONSE']._serialized_start=580
+  _globals['_RUNRESPONSE']._serialized_end=612
+  _globals['_ROUTERSERVICE']._serialized_start=615
+  _globals['_ROUTERSERVICE']._serialized_end=1105
 # @@protoc_insertion_point(module_scope)

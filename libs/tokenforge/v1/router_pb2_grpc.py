@@ -52,6 +52,21 @@ class RouterServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateRun = channel.unary_unary(
+                '/tokenforge.v1.RouterService/CreateRun',
+                request_serializer=tokenforge_dot_v1_dot_router__pb2.StartRunRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_router__pb2.RunResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/tokenforge.v1.RouterService/GetRun',
+                request_serializer=tokenforge_dot_v1_dot_router__pb2.RunRef.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_router__pb2.RunResponse.FromString,
+                _registered_method=True)
+        self.CloseRun = channel.unary_unary(
+                '/tokenforge.v1.RouterService/CloseRun',
+                request_serializer=tokenforge_dot_v1_dot_router__pb2.RunRef.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_router__pb2.RunResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -78,6 +93,26 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRun(self, request, context):
+        """Runs (a long agent workflow): a pre-flight estimate with warnings, an optional budget
+        held up front, and a report. Bodies are the JSON shapes of SPEC §4.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +130,21 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRun,
+                    request_deserializer=tokenforge_dot_v1_dot_router__pb2.StartRunRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_router__pb2.RunResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=tokenforge_dot_v1_dot_router__pb2.RunRef.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_router__pb2.RunResponse.SerializeToString,
+            ),
+            'CloseRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseRun,
+                    request_deserializer=tokenforge_dot_v1_dot_router__pb2.RunRef.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_router__pb2.RunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +231,87 @@ class RouterService:
             '/tokenforge.v1.RouterService/ListModels',
             tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.RouterService/CreateRun',
+            tokenforge_dot_v1_dot_router__pb2.StartRunRequest.SerializeToString,
+            tokenforge_dot_v1_dot_router__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.RouterService/GetRun',
+            tokenforge_dot_v1_dot_router__pb2.RunRef.SerializeToString,
+            tokenforge_dot_v1_dot_router__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.RouterService/CloseRun',
+            tokenforge_dot_v1_dot_router__pb2.RunRef.SerializeToString,
+            tokenforge_dot_v1_dot_router__pb2.RunResponse.FromString,
             options,
             channel_credentials,
             insecure,
