@@ -14,7 +14,7 @@ from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from tokenforge.edge import shapes
 from tokenforge.errors import MD_RECEIPT, TFError, from_rpc_error
@@ -215,6 +215,35 @@ class Edge:
             key_id=key.id, limit=limit, after=request.query_params.get("after", "")))
         return _list_response(resp)
 
+    # ---- runs ------------------------------------------------------------------------------
+
+    def _auth_md(self, request: Request) -> tuple[tuple[str, str], ...]:
+        self.bearer(request)  # 401 early when there is no key at all
+        return (("authorization", request.headers.get("authorization", "")),)
+
+    async def create_run(self, request: Request) -> Response:
+        auth = self._auth_md(request)
+        body = await self.read_body(request)
+        resp = await self.call(self.router.CreateRun, router_pb2.StartRunRequest(body_json=body), auth)
+        return Response(resp.body_json, status_code=201, media_type="application/json")
+
+    async def get_run(self, request: Request) -> Response:
+        auth = self._auth_md(request)
+        resp = await self.call(self.router.GetRun, router_pb2.RunRef(run_id=request.path_params["run_id"]), auth)
+        return Response(resp.body_json, media_type="application/json")
+
+    async def close_run(self, request: Request) -> Response:
+        auth = self._auth_md(request)
+        resp = await self.call(self.router.CloseRun, router_pb2.RunRef(run_id=request.path_params["run_id"]), auth)
+        return Response(resp.body_json, media_type="application/json")
+
+    async def run_report_html(self, request: Request) -> Response:
+        from tokenforge.report import report_html
+
+        auth = self._auth_md(request)
+        resp = await self.call(self.router.GetRun, router_pb2.RunRef(run_id=request.path_params["run_id"]), auth)
+        return HTMLResponse(report_html(json.loads(resp.body_json)))
+
     # ---- admin -----------------------------------------------------------------------------
 
     async def create_account(self, request: Request) -> Response:
@@ -333,6 +362,10 @@ def build_app(edge: Edge) -> Starlette:
         Route("/v1/balance", wrap(edge.balance), methods=["GET"]),
         Route("/v1/receipts", wrap(edge.receipts), methods=["GET"]),
         Route("/v1/receipts/{receipt_id}", wrap(edge.receipt), methods=["GET"]),
+        Route("/v1/runs", wrap(edge.create_run), methods=["POST"]),
+        Route("/v1/runs/{run_id}", wrap(edge.get_run), methods=["GET"]),
+        Route("/v1/runs/{run_id}/close", wrap(edge.close_run), methods=["POST"]),
+        Route("/v1/runs/{run_id}/report.html", wrap(edge.run_report_html), methods=["GET"]),
         Route("/admin/v1/accounts", wrap(edge.create_account), methods=["POST"]),
         Route("/admin/v1/accounts/{account_id}", wrap(edge.get_account), methods=["GET"]),
         Route("/admin/v1/accounts/{account_id}/topups", wrap(edge.topup), methods=["POST"]),

@@ -10,6 +10,7 @@ import grpc
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
 from tokenforge.config import Settings
 from tokenforge.errors import MD_ATTEMPTS, MD_RECEIPT
+from tokenforge.router import runs
 from tokenforge.router.clients import Backends
 from tokenforge.router.service import Router
 from tokenforge.router.upstream import UpstreamPool
@@ -43,6 +44,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def ListModels(self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
         key = await self.router.authenticate(context.invocation_metadata())
         return router_pb2.ListModelsResponse(models=self.router.list_models(key))
+
+    @rpc_method
+    async def CreateRun(self, request: router_pb2.StartRunRequest, context: grpc.aio.ServicerContext) -> router_pb2.RunResponse:
+        key = await self.router.authenticate(context.invocation_metadata())
+        return router_pb2.RunResponse(body_json=await runs.create_run(self.router.backends, key, request.body_json))
+
+    @rpc_method
+    async def GetRun(self, request: router_pb2.RunRef, context: grpc.aio.ServicerContext) -> router_pb2.RunResponse:
+        key = await self.router.authenticate(context.invocation_metadata())
+        return router_pb2.RunResponse(body_json=await runs.get_run(self.router.backends, key, request.run_id))
+
+    @rpc_method
+    async def CloseRun(self, request: router_pb2.RunRef, context: grpc.aio.ServicerContext) -> router_pb2.RunResponse:
+        key = await self.router.authenticate(context.invocation_metadata())
+        return router_pb2.RunResponse(body_json=await runs.close_run(self.router.backends, key, request.run_id))
 
 
 async def _main(settings: Settings) -> None:
