@@ -24,6 +24,7 @@ from tokenforge.v1 import ledger_pb2, ledger_pb2_grpc, router_pb2, router_pb2_gr
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
+MAX_REPORT_PAGES = 10
 MAX_HEADER_VALUE_CHARS = 200
 
 
@@ -241,8 +242,19 @@ class Edge:
         from tokenforge.report import report_html
 
         auth = self._auth_md(request)
-        resp = await self.call(self.router.GetRun, router_pb2.RunRef(run_id=request.path_params["run_id"]), auth)
-        return HTMLResponse(report_html(json.loads(resp.body_json)))
+        run_id = request.path_params["run_id"]
+        resp = await self.call(self.router.GetRun, router_pb2.RunRef(run_id=run_id), auth)
+        key = await self.authenticate(request)
+        receipts: list[dict[str, Any]] = []
+        after = ""
+        for _page in range(MAX_REPORT_PAGES):
+            page = await self.call(self.ledger.ListReceipts, ledger_pb2.ListReceiptsRequest(
+                key_id=key.id, run_id=run_id, limit=MAX_LIST_LIMIT, after=after))
+            receipts += [json.loads(r.receipt_json) for r in page.receipts]
+            if not page.has_more:
+                break
+            after = page.last_id
+        return HTMLResponse(report_html(json.loads(resp.body_json), receipts))
 
     # ---- admin -----------------------------------------------------------------------------
 
