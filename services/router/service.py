@@ -191,7 +191,7 @@ class Router:
             t.ctx,
         )
         t.prompt_tokens = quote.prompt_tokens
-        await self.backends.call(
+        held = await self.backends.call(
             self.backends.ledger.Hold,
             ledger_pb2.HoldRequest(
                 request_id=t.request_id,
@@ -202,6 +202,9 @@ class Router:
             ),
             t.ctx,
         )
+        if held.replayed:
+            # The caller reused a request id (Idempotency-Key): never run or charge it twice.
+            raise TFError("conflict", "This request id (Idempotency-Key) was already used; send a new one to make a new request.")
         t.holds[channel.bucket] = quote.amount_nano
 
     async def _record_refusal(self, t: Ticket, code: str) -> None:
