@@ -1,0 +1,30 @@
+"""`tokenforge demo`: an account, a key and the research-agent example, against a running stack."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+import httpx
+
+from tokenforge.admin_cli import _admin_token
+
+
+async def main(ns: argparse.Namespace) -> int:
+    from tokenforge.examples.research_agent import research
+
+    url = ns.url.rstrip("/")
+    admin = {"authorization": f"Bearer {_admin_token(ns)}"}
+    async with httpx.AsyncClient(base_url=url, headers=admin, timeout=30) as http:
+        acct = (await http.post("/admin/v1/accounts", json={"name": f"demo-{uuid.uuid4().hex[:6]}"})).json()
+        if "id" not in acct:
+            raise SystemExit(f"could not create the demo account: {acct}")
+        for bucket, amount in (("wallet", "5.00"), ("credit", "1.00")):
+            r = await http.post(f"/admin/v1/accounts/{acct['id']}/topups",
+                                json={"bucket": bucket, "amount": amount, "idempotency_key": uuid.uuid4().hex})
+            r.raise_for_status()
+        key = (await http.post("/admin/v1/keys", json={"account_id": acct["id"], "name": "research-agent",
+                                                       "route_policy": "auto"})).json()
+    print(f"demo account {acct['id']} (wallet 5.00 CNY, credit 1.00 CREDIT), key {key['id']} (policy auto)")
+    await research(url, key["key"])
+    return 0
