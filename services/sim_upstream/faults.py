@@ -35,6 +35,10 @@ MAX_TOKENS = 8_192
 DEFAULT_TOKENS = 24
 TRY_MEMORY_ENTRIES = 100_000
 ALWAYS = 1 << 62  # "first N tries" with N = always
+DIRECTIVES = (
+    "delay_ms", "chunk_delay_ms", "timeout", "fail", "status", "rate_limit", "no_usage",
+    "break_after", "respond_model", "cached", "reasoning", "tokens",
+)
 
 
 class FaultError(ValueError):
@@ -84,10 +88,11 @@ def _apply(faults: Faults, directive: str) -> Faults:
     value = value.strip()
     if not name:
         return faults
-    flags = {"no_usage": "no_usage", "timeout": "timeout"}
-    if name in flags and not has_value:
-        if name == "no_usage":
-            return replace(faults, no_usage=True)
+    if name not in DIRECTIVES:
+        raise FaultError(f"unknown sim directive `{name}`; known: {', '.join(DIRECTIVES)}")
+    if name == "no_usage":
+        return replace(faults, no_usage=True)
+    if name == "timeout" and not has_value:
         return replace(faults, timeout_tries=ALWAYS)
     if not has_value or not value:
         raise FaultError(f"sim directive `{name}` needs a value (`{name}=...`)")
@@ -115,9 +120,8 @@ def _apply(faults: Faults, directive: str) -> Faults:
         return replace(faults, cached_tokens=_int(name, value, 0, 1_000_000_000))
     if name == "reasoning":
         return replace(faults, reasoning_tokens=_int(name, value, 0, 1_000_000_000))
-    if name == "tokens":
-        return replace(faults, tokens=_int(name, value, 0, MAX_TOKENS))
-    raise FaultError(f"unknown sim directive `{name}`")
+    assert name == "tokens", name
+    return replace(faults, tokens=_int(name, value, 0, MAX_TOKENS))
 
 
 @functools.lru_cache(maxsize=4096)
