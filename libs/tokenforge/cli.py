@@ -26,6 +26,7 @@ def _serve(name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
