@@ -1,0 +1,641 @@
+"""The ledger's gRPC adapter: protobuf ⇄ core operations, the group-commit writers, the
+expiry reaper, and start-up (`tokenforge serve ledger` calls `run(settings)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hmac
+import json
+import logging
+import os
+import secrets
+import sys
+from collections import OrderedDict
+from typing import Any
+
+import asyncpg
+import grpc
+from tokenforge.config import Settings
+from tokenforge.errors import TFError
+from tokenforge.ledger import core, migrations, report, store
+from tokenforge.ledger.core import (
+    CloseRunOp,
+    CreateRunOp,
+    ExpireHoldOp,
+    HoldOp,
+    HoldResult,
+    KeyLimitsNano,
+    Policy,
+    ReleaseOp,
+    ReleaseResult,
+    RunResult,
+    SettleOp,
+    SettleResult,
+    TopUpOp,
+    TopUpResult,
+    rfc3339,
+)
+from tokenforge.ledger.writer import WriterGroup
+from tokenforge.money import Bucket
+from tokenforge.rpc import install_uvloop, rpc_method, serve
+from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger("tokenforge.ledger")
+
+SECRET_PREFIX = "sk-tf-"
+SECRET_DISPLAY_CHARS = 10
+MAX_RECEIPT_JSON_BYTES = 1024 * 1024
+MAX_ESTIMATE_JSON_BYTES = 1024 * 1024
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
+REAP_BATCH = 1000
+CACHE_ENTRIES = 200_000
+
+_POLICY_TO_TEXT = {
+    common_pb2.ROUTE_POLICY_ROUTED: "routed",
+    common_pb2.ROUTE_POLICY_DIRECT: "direct",
+    common_pb2.ROUTE_POLICY_AUTO: "auto",
+}
+_POLICY_FROM_TEXT = {v: k for k, v in _POLICY_TO_TEXT.items()}
+
+
+class _BoundedMap:
+    """An insertion-ordered map that forgets its oldest entries past `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self._data: OrderedDict[str, str] = OrderedDict()
+        self._limit = limit
+
+    def get(self, key: str) -> str | None:
+        return self._data.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self._data[key] = value
+        if len(self._data) > self._limit:
+            self._data.popitem(last=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# protobuf conversions
+
+
+def _balances_pb(account: store.AccountRecord) -> common_pb2.Balances:
+    def one(bucket: Bucket) -> common_pb2.BucketBalance:
+        b = account.buckets.get(bucket) or store.BucketBalance(bucket, 0, 0)
+        return common_pb2.BucketBalance(
+            unit=bucket.unit,
+            balance_nano=b.balance_nano,
+            held_nano=b.held_nano,
+            available_nano=b.available_nano,
+        )
+
+    return common_pb2.Balances(
+        account_id=account.id, name=account.name, wallet=one(Bucket.WALLET), credit=one(Bucket.CREDIT)
+    )
+
+
+def _key_pb(key: store.KeyRecord) -> ledger_pb2.Key:
+    return ledger_pb2.Key(
+        id=key.id,
+        name=key.name,
+        account_id=key.account_id,
+        route_policy=_POLICY_FROM_TEXT[key.route_policy],
+        allowed_models=key.allowed_models,
+        limits=ledger_pb2.KeyLimits(
+            wallet_total_nano=key.limits.wallet_total,
+            wallet_daily_nano=key.limits.wallet_daily,
+            credit_total_nano=key.limits.credit_total,
+            credit_daily_nano=key.limits.credit_daily,
+        ),
+        revoked=key.revoked,
+        created_at=rfc3339(key.created_at),
+        prefix=key.prefix,
+    )
+
+
+def _limits(pb: ledger_pb2.KeyLimits) -> KeyLimitsNano:
+    limits = KeyLimitsNano(
+        pb.wallet_total_nano, pb.wallet_daily_nano, pb.credit_total_nano, pb.credit_daily_nano
+    )
+    for name in ("wallet_total_nano", "wallet_daily_nano", "credit_total_nano", "credit_daily_nano"):
+        if getattr(pb, name) < 0:
+            raise TFError("invalid_request", f"limits.{name} must not be negative (0: no limit)", f"limits.{name}")
+    return limits
+
+
+def _list_limit(limit: int) -> int:
+    if limit < 0:
+        raise TFError("invalid_request", "limit must not be negative", "limit")
+    return min(limit or LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)
+
+
+def _json_object(raw: bytes, param: str, max_bytes: int) -> dict[str, Any]:
+    if not raw:
+        return {}
+    if len(raw) > max_bytes:
+        raise TFError("invalid_request", f"{param} is larger than {max_bytes} bytes", param)
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise TFError("invalid_request", f"{param} is not valid JSON", param) from None
+    if not isinstance(value, dict):
+        raise TFError("invalid_request", f"{param} must be a JSON object", param)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, writers: WriterGroup, policy: Policy) -> None:
+        self._pool = pool
+        self._writers = writers
+        self._policy = policy
+        # Keys and requests never move to another account, so these are safe to keep.
+        self._key_account = _BoundedMap(CACHE_ENTRIES)
+        self._request_account = _BoundedMap(CACHE_ENTRIES)
+
+    # -- routing helpers ----------------------------------------------------------------------
+
+    async def _account_of_key(self, key_id: str) -> str:
+        if not key_id:
+            raise TFError("invalid_request", "key_id is required", "key_id")
+        account_id = self._key_account.get(key_id)
+        if account_id is None:
+            async with self._pool.acquire() as conn:
+                account_id = await store.account_of_key(conn, key_id)
+            if account_id is None:
+                raise TFError("not_found", f"no key {key_id}", "key_id")
+            self._key_account.put(key_id, account_id)
+        return account_id
+
+    async def _account_of_request(self, request_id: str) -> str:
+        account_id = self._request_account.get(request_id)
+        if account_id is None:
+            async with self._pool.acquire() as conn:
+                account_id = await store.account_of_request(conn, request_id)
+            if account_id is None:
+                raise TFError("not_found", f"no hold for request {request_id}", "request_id")
+            self._request_account.put(request_id, account_id)
+        return account_id
+
+    async def _account(self, account_id: str) -> store.AccountRecord:
+        if not account_id:
+            raise TFError("invalid_request", "account_id is required", "account_id")
+        async with self._pool.acquire() as conn:
+            account = await store.get_account(conn, account_id)
+        if account is None:
+            raise TFError("not_found", f"no account {account_id}", "account_id")
+        return account
+
+    # -- accounts, top-ups, keys --------------------------------------------------------------
+
+    @rpc_method
+    async def CreateAccount(self, request: ledger_pb2.CreateAccountRequest, context: Any) -> ledger_pb2.Account:
+        core.check_name(request.name)
+        account_id = core.new_id("acct")
+        async with self._pool.acquire() as conn:
+            await store.create_account(conn, account_id, request.name)
+        return await self._account_pb(account_id)
+
+    @rpc_method
+    async def GetAccount(self, request: ledger_pb2.GetAccountRequest, context: Any) -> ledger_pb2.Account:
+        return await self._account_pb(request.account_id)
+
+    async def _account_pb(self, account_id: str) -> ledger_pb2.Account:
+        account = await self._account(account_id)
+        return ledger_pb2.Account(
+            id=account.id, name=account.name, balances=_balances_pb(account), created_at=rfc3339(account.created_at)
+        )
+
+    @rpc_method
+    async def TopUp(self, request: ledger_pb2.TopUpRequest, context: Any) -> ledger_pb2.TopUpResponse:
+        bucket = core.parse_bucket(request.bucket)
+        assert bucket is not None
+        core.check_amount(request.amount_nano, "amount_nano")
+        if not request.idempotency_key:
+            raise TFError("invalid_request", "idempotency_key is required", "idempotency_key")
+        if len(request.idempotency_key) > core.MAX_REQUEST_ID_CHARS:
+            raise TFError("invalid_request", "idempotency_key is too long", "idempotency_key")
+        await self._account(request.account_id)
+        result = await self._writers.submit(
+            TopUpOp(request.account_id, bucket, request.amount_nano, request.idempotency_key)
+        )
+        assert isinstance(result, TopUpResult)
+        account = await self._account(request.account_id)
+        return ledger_pb2.TopUpResponse(
+            topup_id=result.topup_id, balances=_balances_pb(account), replayed=result.replayed
+        )
+
+    @rpc_method
+    async def CreateKey(self, request: ledger_pb2.CreateKeyRequest, context: Any) -> ledger_pb2.CreatedKey:
+        core.check_name(request.name)
+        policy = _POLICY_TO_TEXT.get(request.route_policy)
+        if policy is None:
+            raise TFError("invalid_request", "route_policy must be routed, direct or auto", "route_policy")
+        limits = _limits(request.limits)
+        models = list(request.allowed_models)
+        if any(not m for m in models):
+            raise TFError("invalid_request", "allowed_models must not contain empty names", "allowed_models")
+        await self._account(request.account_id)
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        async with self._pool.acquire() as conn:
+            key = await store.create_key(
+                conn,
+                key_id=core.new_id("key"),
+                account_id=request.account_id,
+                name=request.name,
+                secret=secret,
+                prefix=secret[:SECRET_DISPLAY_CHARS],
+                route_policy=policy,
+                allowed_models=models,
+                limits=limits,
+            )
+        return ledger_pb2.CreatedKey(key=_key_pb(key), secret=secret)
+
+    @rpc_method
+    async def RevokeKey(self, request: ledger_pb2.RevokeKeyRequest, context: Any) -> ledger_pb2.Key:
+        if not request.key_id:
+            raise TFError("invalid_request", "key_id is required", "key_id")
+        async with self._pool.acquire() as conn:
+            key = await store.revoke_key(conn, request.key_id)
+        if key is None:
+            raise TFError("not_found", f"no key {request.key_id}", "key_id")
+        return _key_pb(key)
+
+    @rpc_method
+    async def ListKeys(self, request: ledger_pb2.ListKeysRequest, context: Any) -> ledger_pb2.ListKeysResponse:
+        await self._account(request.account_id)
+        async with self._pool.acquire() as conn:
+            keys = await store.list_keys(conn, request.account_id)
+        return ledger_pb2.ListKeysResponse(keys=[_key_pb(k) for k in keys])
+
+    @rpc_method
+    async def AuthenticateKey(self, request: ledger_pb2.AuthenticateKeyRequest, context: Any) -> ledger_pb2.Key:
+        secret = request.secret
+        if not secret.startswith(SECRET_PREFIX) or len(secret) > 200:
+            raise TFError("invalid_api_key", "the API key is not valid")
+        digest = store.secret_hash(secret)
+        async with self._pool.acquire() as conn:
+            found = await store.key_by_hash(conn, digest)
+        if found is None or not hmac.compare_digest(found[1], digest):
+            raise TFError("invalid_api_key", "the API key is not valid")
+        key = found[0]
+        if key.revoked:
+            raise TFError("invalid_api_key", "this API key has been revoked")
+        self._key_account.put(key.id, key.account_id)
+        return _key_pb(key)
+
+    @rpc_method
+    async def GetKeyBalance(self, request: ledger_pb2.GetKeyBalanceRequest, context: Any) -> ledger_pb2.KeyBalance:
+        if not request.key_id:
+            raise TFError("invalid_request", "key_id is required", "key_id")
+        async with self._pool.acquire() as conn:
+            key = await store.get_key(conn, request.key_id)
+            if key is None:
+                raise TFError("not_found", f"no key {request.key_id}", "key_id")
+            account = await store.get_account(conn, key.account_id)
+        assert account is not None
+        return ledger_pb2.KeyBalance(
+            balances=_balances_pb(account),
+            key=_key_pb(key),
+            spent_wallet_nano=key.spent[Bucket.WALLET],
+            spent_credit_nano=key.spent[Bucket.CREDIT],
+        )
+
+    # -- settlement ---------------------------------------------------------------------------
+
+    @rpc_method
+    async def Hold(self, request: ledger_pb2.HoldRequest, context: Any) -> ledger_pb2.HoldResponse:
+        bucket = core.parse_bucket(request.bucket)
+        assert bucket is not None
+        core.check_request_id(request.request_id)
+        core.check_amount(request.amount_nano, "amount_nano")
+        self._policy.hold_ttl(request.ttl_s)
+        account_id = await self._account_of_key(request.key_id)
+        result = await self._writers.submit(
+            HoldOp(
+                account_id=account_id,
+                request_id=request.request_id,
+                key_id=request.key_id,
+                bucket=bucket,
+                amount_nano=request.amount_nano,
+                run_id=request.run_id or None,
+                ttl_s=request.ttl_s,
+            )
+        )
+        assert isinstance(result, HoldResult)
+        self._request_account.put(request.request_id, account_id)
+        return ledger_pb2.HoldResponse(
+            hold_id=result.hold_id,
+            amount_nano=result.amount_nano,
+            expires_at=rfc3339(result.expires_at),
+            replayed=result.replayed,
+        )
+
+    @rpc_method
+    async def Release(self, request: ledger_pb2.ReleaseRequest, context: Any) -> ledger_pb2.ReleaseResponse:
+        bucket = core.parse_bucket(request.bucket)
+        assert bucket is not None
+        core.check_request_id(request.request_id)
+        account_id = await self._account_of_request(request.request_id)
+        result = await self._writers.submit(ReleaseOp(account_id, request.request_id, bucket))
+        assert isinstance(result, ReleaseResult)
+        return ledger_pb2.ReleaseResponse(released_nano=result.released_nano, replayed=result.replayed)
+
+    @rpc_method
+    async def Settle(self, request: ledger_pb2.SettleRequest, context: Any) -> ledger_pb2.SettleResponse:
+        bucket = core.parse_bucket(request.bucket, allow_unspecified=True)
+        core.check_request_id(request.request_id)
+        if request.rated_nano < 0:
+            raise TFError("invalid_request", "rated_nano must not be negative", "rated_nano")
+        receipt = _json_object(request.receipt_json, "receipt_json", MAX_RECEIPT_JSON_BYTES)
+        account_id = await self._account_of_key(request.key_id)
+        result = await self._writers.submit(
+            SettleOp(
+                account_id=account_id,
+                request_id=request.request_id,
+                key_id=request.key_id,
+                bucket=bucket,
+                rated_nano=request.rated_nano,
+                status=request.status,
+                receipt=receipt,
+                run_id=request.run_id or None,
+                run_step=request.run_step or None,
+            )
+        )
+        assert isinstance(result, SettleResult)
+        return ledger_pb2.SettleResponse(
+            receipt_id=result.receipt_id,
+            amount_nano=result.amount_nano,
+            uncollected_nano=result.uncollected_nano,
+            held_nano=result.held_nano,
+            released_nano=result.released_nano,
+            replayed=result.replayed,
+        )
+
+    # -- receipts and statements --------------------------------------------------------------
+
+    @rpc_method
+    async def GetReceipt(self, request: ledger_pb2.GetReceiptRequest, context: Any) -> ledger_pb2.Receipt:
+        if not request.receipt_id:
+            raise TFError("invalid_request", "receipt_id is required", "receipt_id")
+        async with self._pool.acquire() as conn:
+            body = await store.get_receipt(conn, request.receipt_id, request.key_id or None)
+        if body is None:
+            raise TFError("not_found", f"no receipt {request.receipt_id}", "receipt_id")
+        return ledger_pb2.Receipt(id=request.receipt_id, receipt_json=body.encode())
+
+    @rpc_method
+    async def ListReceipts(self, request: ledger_pb2.ListReceiptsRequest, context: Any) -> ledger_pb2.ListReceiptsResponse:
+        if not (request.key_id or request.account_id or request.run_id):
+            raise TFError("invalid_request", "give key_id, account_id or run_id", "key_id")
+        limit = _list_limit(request.limit)
+        async with self._pool.acquire() as conn:
+            if request.after and not await store.receipt_exists(conn, request.after):
+                raise TFError("invalid_request", f"after: no receipt {request.after}", "after")
+            rows, has_more = await store.list_receipts(
+                conn,
+                key_id=request.key_id or None,
+                account_id=request.account_id or None,
+                run_id=request.run_id or None,
+                limit=limit,
+                after=request.after or None,
+            )
+        return ledger_pb2.ListReceiptsResponse(
+            receipts=[ledger_pb2.Receipt(id=rid, receipt_json=body.encode()) for rid, body in rows],
+            has_more=has_more,
+            last_id=rows[-1][0] if rows else "",
+        )
+
+    @rpc_method
+    async def GetStatement(self, request: ledger_pb2.GetStatementRequest, context: Any) -> ledger_pb2.Statement:
+        if bool(request.key_id) == bool(request.account_id):
+            raise TFError("invalid_request", "give exactly one of key_id or account_id", "key_id")
+        bucket = core.parse_bucket(request.bucket, allow_unspecified=True)
+        limit = _list_limit(request.limit)
+        after: int | None = None
+        if request.after:
+            try:
+                after = int(request.after)
+            except ValueError:
+                raise TFError("invalid_request", "after must be an entry id from a previous page", "after") from None
+        async with self._pool.acquire() as conn:
+            if request.account_id:
+                if await store.get_account(conn, request.account_id) is None:
+                    raise TFError("not_found", f"no account {request.account_id}", "account_id")
+            elif await store.get_key(conn, request.key_id) is None:
+                raise TFError("not_found", f"no key {request.key_id}", "key_id")
+            rows, has_more = await store.statement(
+                conn,
+                key_id=request.key_id or None,
+                account_id=request.account_id or None,
+                bucket=bucket,
+                limit=limit,
+                after=after,
+            )
+        return ledger_pb2.Statement(
+            entries=[
+                ledger_pb2.StatementEntry(
+                    id=str(r.id),
+                    at=rfc3339(r.at),
+                    kind=r.kind,
+                    bucket=r.bucket.to_pb(),
+                    amount_nano=r.amount_nano,
+                    balance_nano=r.balance_nano,
+                    receipt_id=r.receipt_id or "",
+                    key_id=r.key_id or "",
+                )
+                for r in rows
+            ],
+            has_more=has_more,
+            last_id=str(rows[-1].id) if rows else "",
+        )
+
+    @rpc_method
+    async def Audit(self, request: ledger_pb2.AuditRequest, context: Any) -> ledger_pb2.AuditResponse:
+        async with self._pool.acquire() as conn:
+            problems, n_accounts = await store.audit(conn)
+        return ledger_pb2.AuditResponse(ok=not problems, problems=problems, accounts_checked=n_accounts)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def _run_pb(self, run_id: str, key_id: str | None) -> ledger_pb2.Run:
+        async with self._pool.acquire() as conn:
+            row = await store.get_run(conn, run_id)
+            if row is None or (key_id and row["key_id"] != key_id):
+                raise TFError("not_found", f"no run {run_id}", "run_id")
+            bodies = await store.run_receipts(conn, run_id)
+        info = report.RunInfo(
+            id=row["id"],
+            key_id=row["key_id"],
+            name=row["name"],
+            status=row["status"],
+            budget_nano={Bucket.WALLET: row["budget_wallet_nano"], Bucket.CREDIT: row["budget_credit_nano"]},
+            reserved_nano={Bucket.WALLET: row["reserved_wallet_nano"], Bucket.CREDIT: row["reserved_credit_nano"]},
+            spent_nano={Bucket.WALLET: row["spent_wallet_nano"], Bucket.CREDIT: row["spent_credit_nano"]},
+            refused=row["refused"],
+            created_at=rfc3339(row["created_at"]),
+            expires_at=rfc3339(row["expires_at"]),
+            closed_at=rfc3339(row["closed_at"]) if row["closed_at"] else None,
+            estimate=json.loads(row["estimate"]) if row["estimate"] else None,
+        )
+        body = report.build_report(info, bodies)
+        return ledger_pb2.Run(
+            id=info.id,
+            key_id=info.key_id,
+            name=info.name,
+            status=info.status,
+            report_json=json.dumps(body, separators=(",", ":")).encode(),
+        )
+
+    @rpc_method
+    async def CreateRun(self, request: ledger_pb2.CreateRunRequest, context: Any) -> ledger_pb2.Run:
+        core.check_name(request.name)
+        for name in ("budget_wallet_nano", "budget_credit_nano"):
+            if getattr(request, name) < 0:
+                raise TFError("invalid_request", f"{name} must not be negative", name)
+        estimate = _json_object(request.estimate_json, "estimate_json", MAX_ESTIMATE_JSON_BYTES)
+        account_id = await self._account_of_key(request.key_id)
+        result = await self._writers.submit(
+            CreateRunOp(
+                account_id=account_id,
+                key_id=request.key_id,
+                name=request.name,
+                budget_wallet_nano=request.budget_wallet_nano,
+                budget_credit_nano=request.budget_credit_nano,
+                estimate_json=json.dumps(estimate) if request.estimate_json else None,
+                ttl_s=request.ttl_s,
+            )
+        )
+        assert isinstance(result, RunResult)
+        return await self._run_pb(result.run_id, None)
+
+    @rpc_method
+    async def GetRun(self, request: ledger_pb2.GetRunRequest, context: Any) -> ledger_pb2.Run:
+        if not request.run_id:
+            raise TFError("invalid_request", "run_id is required", "run_id")
+        return await self._run_pb(request.run_id, request.key_id or None)
+
+    @rpc_method
+    async def CloseRun(self, request: ledger_pb2.CloseRunRequest, context: Any) -> ledger_pb2.Run:
+        if not request.run_id:
+            raise TFError("invalid_request", "run_id is required", "run_id")
+        async with self._pool.acquire() as conn:
+            account_id = await store.account_of_run(conn, request.run_id)
+        if account_id is None:
+            raise TFError("not_found", f"no run {request.run_id}", "run_id")
+        await self._writers.submit(CloseRunOp(account_id, request.run_id, request.key_id or None))
+        return await self._run_pb(request.run_id, request.key_id or None)
+
+    @rpc_method
+    async def RecordRefusal(self, request: ledger_pb2.RecordRefusalRequest, context: Any) -> ledger_pb2.RecordRefusalResponse:
+        if not request.run_id:
+            raise TFError("invalid_request", "run_id is required", "run_id")
+        async with self._pool.acquire() as conn:
+            found = await store.record_refusal(conn, request.run_id, request.key_id or None)
+        if not found:
+            raise TFError("not_found", f"no run {request.run_id}", "run_id")
+        return ledger_pb2.RecordRefusalResponse()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reaper: expired holds and runs are released through the writers like any movement.
+
+
+async def reap_once(pool: asyncpg.Pool, writers: WriterGroup, now: dt.datetime) -> int:
+    async with pool.acquire() as conn:
+        holds = await store.expired_holds(conn, now, REAP_BATCH)
+        runs = await store.expired_runs(conn, now, REAP_BATCH)
+    ops = [ExpireHoldOp(r["account_id"], r["request_id"], Bucket(r["bucket"])) for r in holds]
+    ops += [CloseRunOp(r["account_id"], r["id"], None, expire=True) for r in runs]
+    if not ops:
+        return 0
+    results = await asyncio.gather(*(writers.submit(op) for op in ops), return_exceptions=True)
+    for op, result in zip(ops, results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning("reaper: %r failed: %r", op, result)
+    return len(ops)
+
+
+async def reaper(pool: asyncpg.Pool, writers: WriterGroup, interval_s: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            n = await reap_once(pool, writers, dt.datetime.now(dt.UTC))
+            if n:
+                log.info("reaper released %d expired holds/runs", n)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            log.warning("reaper: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+async def _main(settings: Settings) -> int:
+    n_writers = int(_env_number("TF_LEDGER_WRITERS", 4))
+    reap_interval_s = _env_number("TF_LEDGER_REAP_INTERVAL_S", 1.0)
+    policy = Policy(
+        hold_ttl_s=settings.hold_ttl_s,
+        hold_ttl_max_s=settings.hold_ttl_max_s,
+        run_ttl_s=max(settings.hold_ttl_max_s, settings.hold_ttl_s),
+    )
+    try:
+        conn = await asyncpg.connect(settings.database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"ledger: cannot connect to TF_DATABASE_URL: {exc}", file=sys.stderr)
+        return 2
+    try:
+        applied = await migrations.migrate(conn)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+    finally:
+        await conn.close()
+
+    # One connection per writer plus the read side's pool.
+    pool = await store.create_pool(
+        settings.database_url, min_size=2, max_size=max(settings.db_pool_size, 2) + n_writers
+    )
+    writers = WriterGroup(pool, policy, n_writers)
+    writers.start()
+    stop_reaper = asyncio.Event()
+    reaper_task = asyncio.create_task(reaper(pool, writers, reap_interval_s, stop_reaper))
+    servicer = LedgerServicer(pool, writers, policy)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
+        return [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name]
+
+    async def on_stop() -> None:
+        stop_reaper.set()
+        await reaper_task
+        await writers.stop()
+        await pool.close()
+
+    await serve(name="ledger", bind=settings.ledger_addr, register=register, on_stop=on_stop)
+    return 0
+
+
+def run(settings: Settings) -> int:
+    if not settings.database_url:
+        print(
+            "ledger: TF_DATABASE_URL is not set; point it at PostgreSQL "
+            "(tokenforge up starts an embedded one for you)",
+            file=sys.stderr,
+        )
+        return 2
+    install_uvloop()
+    return asyncio.run(_main(settings))

@@ -1,0 +1,823 @@
+"""The asyncpg adapter: loads and locks the rows a batch of operations touches into a
+`core.Book`, writes back what the book changed, and answers the read-only queries.
+
+Locking order, everywhere: bucket rows (sorted by account, bucket) → runs → keys. Every money
+movement of an account first locks that account's two bucket rows, so holds, runs and key
+usage of the account are stable while a batch is applied, even with several ledger replicas.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from tokenforge.ledger import core
+from tokenforge.ledger.core import (
+    Book,
+    BucketRow,
+    CloseRunOp,
+    CreateRunOp,
+    ExpireHoldOp,
+    HoldOp,
+    HoldRow,
+    KeyLimitsNano,
+    KeyRow,
+    Op,
+    ReceiptRow,
+    ReleaseOp,
+    RunRow,
+    SettleOp,
+    TopUpOp,
+    TopUpRow,
+)
+from tokenforge.money import Bucket
+
+W, C = Bucket.WALLET, Bucket.CREDIT
+
+
+def _b(text: str | None) -> Bucket | None:
+    return None if text is None else Bucket(text)
+
+
+def secret_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def create_pool(url: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=init_connection, command_timeout=60
+    )
+    assert pool is not None
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a book
+
+
+_KEY_COLS = """id, account_id, name, revoked, wallet_total_nano, wallet_daily_nano,
+    credit_total_nano, credit_daily_nano, spent_wallet_nano, spent_credit_nano,
+    held_wallet_nano, held_credit_nano, day, day_wallet_nano, day_credit_nano"""
+
+_RUN_COLS = """id, key_id, account_id, name, status, budget_wallet_nano, budget_credit_nano,
+    reserved_wallet_nano, reserved_credit_nano, spent_wallet_nano, spent_credit_nano,
+    expires_at, created_at, closed_at"""
+
+_HOLD_COLS = """id, request_id, bucket, account_id, key_id, run_id, run_funded, amount_nano,
+    state, captured_nano, released_nano, ttl_s, expires_at, created_at, closed_at"""
+
+
+def _key_row(r: asyncpg.Record) -> KeyRow:
+    return KeyRow(
+        id=r["id"],
+        account_id=r["account_id"],
+        name=r["name"],
+        revoked=r["revoked"],
+        limits=KeyLimitsNano(
+            r["wallet_total_nano"], r["wallet_daily_nano"], r["credit_total_nano"], r["credit_daily_nano"]
+        ),
+        spent={W: r["spent_wallet_nano"], C: r["spent_credit_nano"]},
+        held={W: r["held_wallet_nano"], C: r["held_credit_nano"]},
+        day=r["day"],
+        day_spent={W: r["day_wallet_nano"], C: r["day_credit_nano"]},
+    )
+
+
+def _run_row(r: asyncpg.Record) -> RunRow:
+    return RunRow(
+        id=r["id"],
+        key_id=r["key_id"],
+        account_id=r["account_id"],
+        name=r["name"],
+        status=r["status"],
+        budget={W: r["budget_wallet_nano"], C: r["budget_credit_nano"]},
+        reserved={W: r["reserved_wallet_nano"], C: r["reserved_credit_nano"]},
+        spent={W: r["spent_wallet_nano"], C: r["spent_credit_nano"]},
+        expires_at=r["expires_at"],
+        created_at=r["created_at"],
+        closed_at=r["closed_at"],
+    )
+
+
+def _hold_row(r: asyncpg.Record) -> HoldRow:
+    return HoldRow(
+        id=r["id"],
+        request_id=r["request_id"],
+        bucket=Bucket(r["bucket"]),
+        account_id=r["account_id"],
+        key_id=r["key_id"],
+        run_id=r["run_id"],
+        run_funded=r["run_funded"],
+        amount_nano=r["amount_nano"],
+        state=r["state"],
+        captured_nano=r["captured_nano"],
+        released_nano=r["released_nano"],
+        ttl_s=r["ttl_s"],
+        expires_at=r["expires_at"],
+        created_at=r["created_at"],
+        closed_at=r["closed_at"],
+    )
+
+
+async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> None:
+    """Lock and load everything `ops` may touch into `book` (inside a transaction)."""
+    account_ids: set[str] = set()
+    request_ids: set[str] = set()
+    settle_ids: list[str] = []
+    key_ids: set[str] = set()
+    run_ids: set[str] = set()
+    topup_keys: list[str] = []
+    for op in ops:
+        account_ids.add(op.account_id)
+        if isinstance(op, HoldOp | SettleOp):
+            request_ids.add(op.request_id)
+            key_ids.add(op.key_id)
+            if op.run_id:
+                run_ids.add(op.run_id)
+            if isinstance(op, SettleOp):
+                settle_ids.append(op.request_id)
+        elif isinstance(op, ReleaseOp | ExpireHoldOp):
+            request_ids.add(op.request_id)
+        elif isinstance(op, TopUpOp):
+            topup_keys.append(op.idempotency_key)
+        elif isinstance(op, CreateRunOp):
+            key_ids.add(op.key_id)
+        elif isinstance(op, CloseRunOp):
+            run_ids.add(op.run_id)
+
+    for r in await conn.fetch(
+        """SELECT account_id, bucket, balance_nano, held_nano FROM buckets
+            WHERE account_id = ANY($1::text[]) ORDER BY account_id, bucket FOR UPDATE""",
+        sorted(account_ids),
+    ):
+        bucket = Bucket(r["bucket"])
+        book.buckets[(r["account_id"], bucket)] = BucketRow(
+            r["account_id"], bucket, r["balance_nano"], r["held_nano"]
+        )
+    if request_ids:
+        for r in await conn.fetch(
+            f"SELECT {_HOLD_COLS} FROM holds WHERE request_id = ANY($1::text[])", list(request_ids)
+        ):
+            hold = _hold_row(r)
+            if hold.account_id not in account_ids:
+                continue  # not locked by this batch: the op routed elsewhere will fail cleanly
+            book.holds[(hold.request_id, hold.bucket)] = hold
+            key_ids.add(hold.key_id)
+            if hold.run_id:
+                run_ids.add(hold.run_id)
+    if run_ids:
+        for r in await conn.fetch(
+            f"""SELECT {_RUN_COLS} FROM runs WHERE id = ANY($1::text[])
+                  AND account_id = ANY($2::text[]) ORDER BY id FOR UPDATE""",
+            sorted(run_ids),
+            sorted(account_ids),
+        ):
+            run = _run_row(r)
+            book.runs[run.id] = run
+            key_ids.add(run.key_id)
+    if key_ids:
+        for r in await conn.fetch(
+            f"""SELECT {_KEY_COLS} FROM keys WHERE id = ANY($1::text[])
+                  AND account_id = ANY($2::text[]) ORDER BY id FOR UPDATE""",
+            sorted(key_ids),
+            sorted(account_ids),
+        ):
+            book.keys[r["id"]] = _key_row(r)
+    if settle_ids:
+        for r in await conn.fetch(
+            """SELECT id, request_id, key_id, account_id, run_id, run_step, status, bucket,
+                      rated_nano, amount_nano, uncollected_nano, held_nano, released_nano, created_at
+                 FROM receipts WHERE request_id = ANY($1::text[])""",
+            settle_ids,
+        ):
+            book.receipts[r["request_id"]] = ReceiptRow(
+                id=r["id"],
+                request_id=r["request_id"],
+                key_id=r["key_id"],
+                account_id=r["account_id"],
+                run_id=r["run_id"],
+                run_step=r["run_step"],
+                status=r["status"],
+                bucket=_b(r["bucket"]),
+                rated_nano=r["rated_nano"],
+                amount_nano=r["amount_nano"],
+                uncollected_nano=r["uncollected_nano"],
+                held_nano=r["held_nano"],
+                released_nano=r["released_nano"],
+                created_at=r["created_at"],
+            )
+    if topup_keys:
+        for r in await conn.fetch(
+            """SELECT id, idempotency_key, account_id, bucket, amount_nano, created_at
+                 FROM topups WHERE idempotency_key = ANY($1::text[])""",
+            topup_keys,
+        ):
+            book.topups[r["idempotency_key"]] = TopUpRow(
+                r["id"], r["idempotency_key"], r["account_id"], Bucket(r["bucket"]),
+                r["amount_nano"], r["created_at"],
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a book back: one set-based statement per table, whatever the batch size.
+
+
+def _cols(rows: Iterable[Any], *getters: Any) -> list[list[Any]]:
+    out: list[list[Any]] = [[] for _ in getters]
+    for row in rows:
+        for i, get in enumerate(getters):
+            out[i].append(get(row))
+    return out
+
+
+async def write_book(conn: asyncpg.Connection, book: Book) -> None:
+    new_runs = [r for r in book.runs.values() if r.new]
+    if new_runs:
+        await conn.execute(
+            """INSERT INTO runs (id, key_id, account_id, name, status, budget_wallet_nano,
+                   budget_credit_nano, reserved_wallet_nano, reserved_credit_nano,
+                   spent_wallet_nano, spent_credit_nano, estimate, expires_at, created_at, closed_at)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                   $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                   $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::timestamptz[],
+                   $15::timestamptz[])""",
+            *_cols(
+                new_runs,
+                lambda r: r.id, lambda r: r.key_id, lambda r: r.account_id, lambda r: r.name,
+                lambda r: r.status, lambda r: r.budget[W], lambda r: r.budget[C],
+                lambda r: r.reserved[W], lambda r: r.reserved[C], lambda r: r.spent[W],
+                lambda r: r.spent[C], lambda r: r.estimate_json, lambda r: r.expires_at,
+                lambda r: r.created_at, lambda r: r.closed_at,
+            ),
+        )
+    dirty_runs = [r for r in book.runs.values() if r.dirty and not r.new]
+    if dirty_runs:
+        await conn.execute(
+            """UPDATE runs SET status = u.status, reserved_wallet_nano = u.rw,
+                   reserved_credit_nano = u.rc, spent_wallet_nano = u.sw, spent_credit_nano = u.sc,
+                   closed_at = u.closed_at
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                             $6::bigint[], $7::timestamptz[]) AS u(id, status, rw, rc, sw, sc, closed_at)
+                WHERE runs.id = u.id""",
+            *_cols(
+                dirty_runs,
+                lambda r: r.id, lambda r: r.status, lambda r: r.reserved[W], lambda r: r.reserved[C],
+                lambda r: r.spent[W], lambda r: r.spent[C], lambda r: r.closed_at,
+            ),
+        )
+    if book.new_topups:
+        await conn.execute(
+            """INSERT INTO topups (id, idempotency_key, account_id, bucket, amount_nano, created_at)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                    $6::timestamptz[])""",
+            *_cols(
+                book.new_topups,
+                lambda t: t.id, lambda t: t.idempotency_key, lambda t: t.account_id,
+                lambda t: t.bucket.value, lambda t: t.amount_nano, lambda t: t.created_at,
+            ),
+        )
+    new_holds = [h for h in book.holds.values() if h.new]
+    if new_holds:
+        await conn.execute(
+            f"""INSERT INTO holds ({_HOLD_COLS})
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                   $6::text[], $7::bool[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[],
+                   $12::int[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[])""",
+            *_cols(
+                new_holds,
+                lambda h: h.id, lambda h: h.request_id, lambda h: h.bucket.value,
+                lambda h: h.account_id, lambda h: h.key_id, lambda h: h.run_id,
+                lambda h: h.run_funded, lambda h: h.amount_nano, lambda h: h.state,
+                lambda h: h.captured_nano, lambda h: h.released_nano, lambda h: h.ttl_s,
+                lambda h: h.expires_at, lambda h: h.created_at, lambda h: h.closed_at,
+            ),
+        )
+    dirty_holds = [h for h in book.holds.values() if h.dirty and not h.new]
+    if dirty_holds:
+        await conn.execute(
+            """UPDATE holds SET state = u.state, captured_nano = u.captured,
+                   released_nano = u.released, closed_at = u.closed_at
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[])
+                      AS u(id, state, captured, released, closed_at)
+                WHERE holds.id = u.id""",
+            *_cols(
+                dirty_holds,
+                lambda h: h.id, lambda h: h.state, lambda h: h.captured_nano,
+                lambda h: h.released_nano, lambda h: h.closed_at,
+            ),
+        )
+    dirty_buckets = [b for b in book.buckets.values() if b.dirty]
+    if dirty_buckets:
+        await conn.execute(
+            """UPDATE buckets SET balance_nano = u.balance, held_nano = u.held
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                      AS u(account_id, bucket, balance, held)
+                WHERE buckets.account_id = u.account_id AND buckets.bucket = u.bucket""",
+            *_cols(
+                dirty_buckets,
+                lambda b: b.account_id, lambda b: b.bucket.value, lambda b: b.balance_nano,
+                lambda b: b.held_nano,
+            ),
+        )
+    dirty_keys = [k for k in book.keys.values() if k.dirty]
+    if dirty_keys:
+        await conn.execute(
+            """UPDATE keys SET spent_wallet_nano = u.sw, spent_credit_nano = u.sc,
+                   held_wallet_nano = u.hw, held_credit_nano = u.hc, day = u.day,
+                   day_wallet_nano = u.dw, day_credit_nano = u.dc
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                             $6::date[], $7::bigint[], $8::bigint[])
+                      AS u(id, sw, sc, hw, hc, day, dw, dc)
+                WHERE keys.id = u.id""",
+            *_cols(
+                dirty_keys,
+                lambda k: k.id, lambda k: k.spent[W], lambda k: k.spent[C], lambda k: k.held[W],
+                lambda k: k.held[C], lambda k: k.day, lambda k: k.day_spent[W],
+                lambda k: k.day_spent[C],
+            ),
+        )
+    if book.new_receipts:
+        await conn.execute(
+            """INSERT INTO receipts (id, request_id, key_id, account_id, run_id, run_step, status,
+                   bucket, rated_nano, amount_nano, uncollected_nano, held_nano, released_nano,
+                   created_at, body)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                   $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[],
+                   $12::bigint[], $13::bigint[], $14::timestamptz[], $15::jsonb[])""",
+            *_cols(
+                book.new_receipts,
+                lambda r: r.id, lambda r: r.request_id, lambda r: r.key_id, lambda r: r.account_id,
+                lambda r: r.run_id, lambda r: r.run_step, lambda r: r.status,
+                lambda r: r.bucket.value if r.bucket else None, lambda r: r.rated_nano,
+                lambda r: r.amount_nano, lambda r: r.uncollected_nano, lambda r: r.held_nano,
+                lambda r: r.released_nano, lambda r: r.created_at, lambda r: r.body_json,
+            ),
+        )
+    if book.transfers:
+        # WITH ORDINALITY + ORDER BY: ids follow the order the batch applied the operations.
+        await conn.execute(
+            """INSERT INTO transfers (at, kind, unit, src, dst, amount_nano, account_id, bucket,
+                   key_id, ref, receipt_id, balance_after_nano)
+               SELECT at, kind, unit, src, dst, amount_nano, account_id, bucket, key_id, ref,
+                      receipt_id, balance_after_nano
+                 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
+                             $11::text[], $12::bigint[])
+                      WITH ORDINALITY AS t(at, kind, unit, src, dst, amount_nano, account_id,
+                                           bucket, key_id, ref, receipt_id, balance_after_nano, n)
+                ORDER BY n""",
+            *_cols(
+                book.transfers,
+                lambda t: t.at, lambda t: t.kind, lambda t: t.unit, lambda t: t.src,
+                lambda t: t.dst, lambda t: t.amount_nano, lambda t: t.account_id,
+                lambda t: t.bucket.value, lambda t: t.key_id, lambda t: t.ref,
+                lambda t: t.receipt_id, lambda t: t.balance_after_nano,
+            ),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Read side and admin writes that move no money
+
+
+@dataclass(frozen=True, slots=True)
+class BucketBalance:
+    bucket: Bucket
+    balance_nano: int
+    held_nano: int
+
+    @property
+    def available_nano(self) -> int:
+        return self.balance_nano - self.held_nano
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    id: str
+    name: str
+    created_at: dt.datetime
+    buckets: dict[Bucket, BucketBalance]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    account_id: str
+    name: str
+    prefix: str
+    route_policy: str
+    allowed_models: list[str]
+    limits: KeyLimitsNano
+    revoked: bool
+    created_at: dt.datetime
+    spent: dict[Bucket, int]
+
+
+_KEY_RECORD_COLS = """id, account_id, name, prefix, route_policy, allowed_models,
+    wallet_total_nano, wallet_daily_nano, credit_total_nano, credit_daily_nano, revoked,
+    created_at, spent_wallet_nano, spent_credit_nano"""
+
+
+def _key_record(r: asyncpg.Record) -> KeyRecord:
+    return KeyRecord(
+        id=r["id"],
+        account_id=r["account_id"],
+        name=r["name"],
+        prefix=r["prefix"],
+        route_policy=r["route_policy"],
+        allowed_models=list(r["allowed_models"]),
+        limits=KeyLimitsNano(
+            r["wallet_total_nano"], r["wallet_daily_nano"], r["credit_total_nano"], r["credit_daily_nano"]
+        ),
+        revoked=r["revoked"],
+        created_at=r["created_at"],
+        spent={W: r["spent_wallet_nano"], C: r["spent_credit_nano"]},
+    )
+
+
+async def create_account(conn: asyncpg.Connection, account_id: str, name: str) -> None:
+    async with conn.transaction():
+        await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, $2)", account_id, name)
+        await conn.execute(
+            """INSERT INTO buckets (account_id, bucket, unit) VALUES
+                   ($1, 'wallet', 'CNY'), ($1, 'credit', 'CREDIT')""",
+            account_id,
+        )
+
+
+async def get_account(conn: asyncpg.Connection, account_id: str) -> AccountRecord | None:
+    rows = await conn.fetch(
+        """SELECT a.id, a.name, a.created_at, b.bucket, b.balance_nano, b.held_nano
+             FROM accounts a JOIN buckets b ON b.account_id = a.id
+            WHERE a.id = $1""",
+        account_id,
+    )
+    if not rows:
+        return None
+    buckets = {
+        Bucket(r["bucket"]): BucketBalance(Bucket(r["bucket"]), r["balance_nano"], r["held_nano"])
+        for r in rows
+    }
+    return AccountRecord(rows[0]["id"], rows[0]["name"], rows[0]["created_at"], buckets)
+
+
+async def create_key(
+    conn: asyncpg.Connection,
+    *,
+    key_id: str,
+    account_id: str,
+    name: str,
+    secret: str,
+    prefix: str,
+    route_policy: str,
+    allowed_models: list[str],
+    limits: KeyLimitsNano,
+) -> KeyRecord:
+    r = await conn.fetchrow(
+        f"""INSERT INTO keys (id, account_id, name, secret_sha256, prefix, route_policy,
+                allowed_models, wallet_total_nano, wallet_daily_nano, credit_total_nano,
+                credit_daily_nano)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            RETURNING {_KEY_RECORD_COLS}""",
+        key_id, account_id, name, secret_hash(secret), prefix, route_policy, allowed_models,
+        limits.wallet_total, limits.wallet_daily, limits.credit_total, limits.credit_daily,
+    )
+    assert r is not None
+    return _key_record(r)
+
+
+async def key_by_hash(conn: asyncpg.Connection, digest: bytes) -> tuple[KeyRecord, bytes] | None:
+    r = await conn.fetchrow(
+        f"SELECT {_KEY_RECORD_COLS}, secret_sha256 FROM keys WHERE secret_sha256 = $1", digest
+    )
+    return None if r is None else (_key_record(r), bytes(r["secret_sha256"]))
+
+
+async def get_key(conn: asyncpg.Connection, key_id: str) -> KeyRecord | None:
+    r = await conn.fetchrow(f"SELECT {_KEY_RECORD_COLS} FROM keys WHERE id = $1", key_id)
+    return None if r is None else _key_record(r)
+
+
+async def list_keys(conn: asyncpg.Connection, account_id: str) -> list[KeyRecord]:
+    rows = await conn.fetch(
+        f"SELECT {_KEY_RECORD_COLS} FROM keys WHERE account_id = $1 ORDER BY created_at, id",
+        account_id,
+    )
+    return [_key_record(r) for r in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: str) -> KeyRecord | None:
+    r = await conn.fetchrow(
+        f"""UPDATE keys SET revoked = true, revoked_at = coalesce(revoked_at, now())
+             WHERE id = $1 RETURNING {_KEY_RECORD_COLS}""",
+        key_id,
+    )
+    return None if r is None else _key_record(r)
+
+
+async def account_of_key(conn: asyncpg.Connection, key_id: str) -> str | None:
+    return await conn.fetchval("SELECT account_id FROM keys WHERE id = $1", key_id)
+
+
+async def account_of_request(conn: asyncpg.Connection, request_id: str) -> str | None:
+    return await conn.fetchval(
+        "SELECT account_id FROM holds WHERE request_id = $1 LIMIT 1", request_id
+    )
+
+
+async def account_of_run(conn: asyncpg.Connection, run_id: str) -> str | None:
+    return await conn.fetchval("SELECT account_id FROM runs WHERE id = $1", run_id)
+
+
+async def expired_holds(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT account_id, request_id, bucket FROM holds
+            WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2""",
+        now,
+        limit,
+    )
+
+
+async def expired_runs(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT account_id, id FROM runs
+            WHERE status = 'open' AND expires_at <= $1 ORDER BY expires_at LIMIT $2""",
+        now,
+        limit,
+    )
+
+
+# -- receipts -----------------------------------------------------------------------------------
+
+
+async def get_receipt(conn: asyncpg.Connection, receipt_id: str, key_id: str | None) -> str | None:
+    if key_id:
+        return await conn.fetchval(
+            "SELECT body::text FROM receipts WHERE id = $1 AND key_id = $2", receipt_id, key_id
+        )
+    return await conn.fetchval("SELECT body::text FROM receipts WHERE id = $1", receipt_id)
+
+
+async def list_receipts(
+    conn: asyncpg.Connection,
+    *,
+    key_id: str | None,
+    account_id: str | None,
+    run_id: str | None,
+    limit: int,
+    after: str | None,
+) -> tuple[list[tuple[str, str]], bool]:
+    """Newest first; `after` is the id of the last receipt of the previous page."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (("key_id", key_id), ("account_id", account_id), ("run_id", run_id)):
+        if value:
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+    assert where, "at least one filter"
+    if after:
+        args.append(after)
+        where.append(f"seq < coalesce((SELECT seq FROM receipts WHERE id = ${len(args)}), 0)")
+    args.append(limit + 1)
+    rows = await conn.fetch(
+        f"""SELECT id, body::text AS body FROM receipts WHERE {' AND '.join(where)}
+             ORDER BY seq DESC LIMIT ${len(args)}""",
+        *args,
+    )
+    has_more = len(rows) > limit
+    return [(r["id"], r["body"]) for r in rows[:limit]], has_more
+
+
+async def receipt_exists(conn: asyncpg.Connection, receipt_id: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM receipts WHERE id = $1", receipt_id))
+
+
+# -- statements ----------------------------------------------------------------------------------
+
+STATEMENT_KINDS = ["topup", "capture", "uncollected", "refund", "adjustment"]
+
+
+@dataclass(frozen=True, slots=True)
+class StatementRow:
+    id: int
+    at: dt.datetime
+    kind: str
+    bucket: Bucket
+    amount_nano: int
+    balance_nano: int
+    receipt_id: str | None
+    key_id: str | None
+
+
+async def statement(
+    conn: asyncpg.Connection,
+    *,
+    key_id: str | None,
+    account_id: str | None,
+    bucket: Bucket | None,
+    limit: int,
+    after: int | None,
+) -> tuple[list[StatementRow], bool]:
+    """Entries that change a customer balance, oldest first.
+
+    For an account the running balance is the bucket's balance after the entry (stored with
+    the transfer). For a key it is the key's own running net (its charges only), so a key
+    never sees what other keys of the account did.
+    """
+    buckets = [bucket.value] if bucket else ["wallet", "credit"]
+    signed = """CASE WHEN kind = 'uncollected' THEN 0
+                     WHEN dst = 'customer' THEN amount_nano ELSE -amount_nano END"""
+    if key_id:
+        rows = await conn.fetch(
+            f"""SELECT * FROM (
+                  SELECT id, at, kind, bucket, {signed} AS amount, receipt_id, key_id,
+                         sum({signed}) OVER (PARTITION BY bucket ORDER BY id) AS running
+                    FROM transfers
+                   WHERE key_id = $1 AND bucket = ANY($2::text[]) AND kind = ANY($3::text[])
+                ) s WHERE id > $4 ORDER BY id LIMIT $5""",
+            key_id, buckets, STATEMENT_KINDS, after or 0, limit + 1,
+        )
+    else:
+        rows = await conn.fetch(
+            f"""SELECT id, at, kind, bucket, {signed} AS amount, receipt_id, key_id,
+                       balance_after_nano AS running
+                  FROM transfers
+                 WHERE account_id = $1 AND bucket = ANY($2::text[]) AND kind = ANY($3::text[])
+                   AND id > $4
+                 ORDER BY id LIMIT $5""",
+            account_id, buckets, STATEMENT_KINDS, after or 0, limit + 1,
+        )
+    out = [
+        StatementRow(
+            r["id"], r["at"], r["kind"], Bucket(r["bucket"]), r["amount"], int(r["running"]),
+            r["receipt_id"], r["key_id"],
+        )
+        for r in rows[:limit]
+    ]
+    return out, len(rows) > limit
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+async def get_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_RUN_COLS}, refused, estimate::text AS estimate FROM runs WHERE id = $1", run_id
+    )
+
+
+async def run_receipts(conn: asyncpg.Connection, run_id: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT body::text AS body FROM receipts WHERE run_id = $1 ORDER BY seq", run_id
+    )
+    return [r["body"] for r in rows]
+
+
+async def record_refusal(conn: asyncpg.Connection, run_id: str, key_id: str | None) -> bool:
+    if key_id:
+        status = await conn.execute(
+            "UPDATE runs SET refused = refused + 1 WHERE id = $1 AND key_id = $2", run_id, key_id
+        )
+    else:
+        status = await conn.execute("UPDATE runs SET refused = refused + 1 WHERE id = $1", run_id)
+    return status.endswith(" 1")
+
+
+# -- audit ------------------------------------------------------------------------------------------
+
+
+async def audit(conn: asyncpg.Connection) -> tuple[list[str], int]:
+    """Every kept figure against the journal. Runs in one REPEATABLE READ snapshot."""
+    problems: list[str] = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        n_accounts = await conn.fetchval("SELECT count(*) FROM accounts")
+        # 1. every journal transfer is a balanced pair within one unit (by construction) and the
+        #    postings of each unit sum to zero.
+        for r in await conn.fetch(
+            "SELECT unit, sum(amount_nano) AS s FROM postings GROUP BY unit HAVING sum(amount_nano) <> 0"
+        ):
+            problems.append(f"postings of {r['unit']} sum to {r['s']}, not 0")
+        # 2. kept bucket balances against postings
+        for r in await conn.fetch(
+            """WITH p AS (
+                   SELECT account_id, bucket,
+                          sum(amount_nano) FILTER (WHERE ledger_account = 'customer') AS avail,
+                          sum(amount_nano) FILTER (WHERE ledger_account = 'holds') AS held
+                     FROM postings GROUP BY account_id, bucket)
+               SELECT b.account_id, b.bucket, b.balance_nano, b.held_nano,
+                      coalesce(p.avail, 0) AS p_avail, coalesce(p.held, 0) AS p_held
+                 FROM buckets b LEFT JOIN p USING (account_id, bucket)
+                WHERE b.balance_nano - b.held_nano <> coalesce(p.avail, 0)
+                   OR b.held_nano <> coalesce(p.held, 0)"""
+        ):
+            problems.append(
+                f"{r['account_id']}/{r['bucket']}: kept balance {r['balance_nano']} held "
+                f"{r['held_nano']}, postings say available {r['p_avail']} held {r['p_held']}"
+            )
+        # 3. held = active holds not drawn from a run + open runs' reservations + active
+        #    run-funded holds
+        for r in await conn.fetch(
+            """WITH h AS (
+                   SELECT account_id, bucket, sum(amount_nano) AS s FROM holds
+                    WHERE state = 'active' GROUP BY account_id, bucket
+                   UNION ALL
+                   SELECT account_id, 'wallet', sum(reserved_wallet_nano) FROM runs
+                    WHERE status = 'open' GROUP BY account_id
+                   UNION ALL
+                   SELECT account_id, 'credit', sum(reserved_credit_nano) FROM runs
+                    WHERE status = 'open' GROUP BY account_id),
+               t AS (SELECT account_id, bucket, sum(s) AS s FROM h GROUP BY account_id, bucket)
+               SELECT b.account_id, b.bucket, b.held_nano, coalesce(t.s, 0) AS s
+                 FROM buckets b LEFT JOIN t USING (account_id, bucket)
+                WHERE b.held_nano <> coalesce(t.s, 0)"""
+        ):
+            problems.append(
+                f"{r['account_id']}/{r['bucket']}: held {r['held_nano']} but holds and run "
+                f"reservations add up to {r['s']}"
+            )
+        # 4. top-ups = -funding; charges = revenue - uncollected, per unit
+        for r in await conn.fetch(
+            """WITH t AS (SELECT b.unit, coalesce(sum(t.amount_nano), 0) AS s
+                            FROM topups t JOIN buckets b USING (account_id, bucket) GROUP BY b.unit),
+                    f AS (SELECT unit, -sum(amount_nano) AS s FROM postings
+                           WHERE ledger_account = 'funding' GROUP BY unit)
+               SELECT coalesce(t.unit, f.unit) AS unit, coalesce(t.s, 0) AS topups,
+                      coalesce(f.s, 0) AS funding
+                 FROM t FULL JOIN f USING (unit) WHERE coalesce(t.s, 0) <> coalesce(f.s, 0)"""
+        ):
+            problems.append(f"{r['unit']}: top-ups {r['topups']} but funding postings {r['funding']}")
+        for r in await conn.fetch(
+            """WITH r AS (SELECT CASE bucket WHEN 'wallet' THEN 'CNY' ELSE 'CREDIT' END AS unit,
+                                 sum(amount_nano) AS amount, sum(uncollected_nano) AS unc
+                            FROM receipts WHERE bucket IS NOT NULL GROUP BY 1),
+                    p AS (SELECT unit,
+                                 sum(amount_nano) FILTER (WHERE ledger_account = 'revenue') AS rev,
+                                 -sum(amount_nano) FILTER (WHERE ledger_account = 'uncollected') AS unc
+                            FROM postings GROUP BY unit)
+               SELECT coalesce(r.unit, p.unit) AS unit, coalesce(r.amount, 0) AS amount,
+                      coalesce(r.unc, 0) AS unc, coalesce(p.rev, 0) AS rev, coalesce(p.unc, 0) AS p_unc
+                 FROM r FULL JOIN p USING (unit)
+                WHERE coalesce(r.amount, 0) + coalesce(r.unc, 0) <> coalesce(p.rev, 0)
+                   OR coalesce(r.unc, 0) <> coalesce(p.unc, 0)"""
+        ):
+            problems.append(
+                f"{r['unit']}: receipts charge {r['amount']} + uncollected {r['unc']} but revenue "
+                f"postings {r['rev']} and uncollected postings {r['p_unc']}"
+            )
+        # 5. key usage against receipts and holds
+        for r in await conn.fetch(
+            """WITH s AS (SELECT key_id,
+                             sum(amount_nano) FILTER (WHERE bucket = 'wallet') AS sw,
+                             sum(amount_nano) FILTER (WHERE bucket = 'credit') AS sc
+                        FROM receipts GROUP BY key_id),
+                    h AS (SELECT key_id,
+                             sum(amount_nano) FILTER (WHERE bucket = 'wallet') AS hw,
+                             sum(amount_nano) FILTER (WHERE bucket = 'credit') AS hc
+                        FROM holds WHERE state = 'active' GROUP BY key_id),
+                    rr AS (SELECT key_id, sum(reserved_wallet_nano) AS hw,
+                                  sum(reserved_credit_nano) AS hc
+                             FROM runs WHERE status = 'open' GROUP BY key_id)
+               SELECT k.id, k.spent_wallet_nano, k.spent_credit_nano, k.held_wallet_nano,
+                      k.held_credit_nano, coalesce(s.sw, 0) AS sw, coalesce(s.sc, 0) AS sc,
+                      coalesce(h.hw, 0) + coalesce(rr.hw, 0) AS hw,
+                      coalesce(h.hc, 0) + coalesce(rr.hc, 0) AS hc
+                 FROM keys k LEFT JOIN s ON s.key_id = k.id LEFT JOIN h ON h.key_id = k.id
+                      LEFT JOIN rr ON rr.key_id = k.id
+                WHERE k.spent_wallet_nano <> coalesce(s.sw, 0)
+                   OR k.spent_credit_nano <> coalesce(s.sc, 0)
+                   OR k.held_wallet_nano <> coalesce(h.hw, 0) + coalesce(rr.hw, 0)
+                   OR k.held_credit_nano <> coalesce(h.hc, 0) + coalesce(rr.hc, 0)"""
+        ):
+            problems.append(
+                f"key {r['id']}: spent {r['spent_wallet_nano']}/{r['spent_credit_nano']} held "
+                f"{r['held_wallet_nano']}/{r['held_credit_nano']} but receipts say "
+                f"{r['sw']}/{r['sc']} and holds {r['hw']}/{r['hc']}"
+            )
+        # 6. settled holds add up; no run spent past its budget
+        for r in await conn.fetch(
+            """SELECT id FROM holds
+                WHERE state <> 'active' AND captured_nano + released_nano <> amount_nano"""
+        ):
+            problems.append(f"hold {r['id']}: captured + released <> amount")
+        for r in await conn.fetch(
+            """SELECT id FROM runs
+                WHERE (budget_wallet_nano > 0 AND spent_wallet_nano > budget_wallet_nano)
+                   OR (budget_credit_nano > 0 AND spent_credit_nano > budget_credit_nano)"""
+        ):
+            problems.append(f"run {r['id']}: spent past its budget")
+    return problems, int(n_accounts)
+
+
+def bucket_balances(rows: dict[Bucket, BucketBalance]) -> dict[Bucket, BucketBalance]:
+    return {b: rows.get(b, BucketBalance(b, 0, 0)) for b in Bucket}
+
+
+__all__ = ["core"]
