@@ -7,6 +7,7 @@ stdout carries the real port (`sim-upstream ready on http://127.0.0.1:PORT`).
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 
 import uvicorn
@@ -65,5 +66,14 @@ def run(settings: Settings) -> int:
     tokens.encoding(tokens.DEFAULT_ENCODING)
     log.info("tokenizers loaded: %s", {k: round(v, 3) for k, v in tokens.load_seconds().items()})
     print(f"sim-upstream ready on http://{shown}:{port}", flush=True)
+    # uvicorn re-raises the stop signal after its graceful shutdown, under the handlers it
+    # found; with these the re-raise is a no-op and a SIGTERM stop exits 0, like our gRPC
+    # services (a supervisor can tell a clean stop from a crash).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped)
     server.run(sockets=[sock])
     return 0
+
+
+def _stopped(signum: int, frame: object) -> None:
+    log.info("sim-upstream stopped by signal %d", signum)
