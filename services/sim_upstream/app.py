@@ -75,6 +75,16 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+async def _client_left_within(receive: Receive, seconds: float) -> bool:
+    """Wait `seconds`, using no CPU; True as soon as the client disconnects. Once the body has
+    been read, the server's receive() returns only when the client goes away."""
+    try:
+        message = await asyncio.wait_for(receive(), seconds)
+    except TimeoutError:
+        return False
+    return message["type"] == "http.disconnect"
+
+
 def _header(scope: Scope, name: bytes) -> str:
     for key, value in scope["headers"]:
         if key == name:
@@ -176,18 +186,17 @@ class SimUpstream:
             entry["try"] = self.tries.next_try((request_id or key, requested, header_faults))
         n_try = entry["try"]
 
-        if f.delay_ms:
-            await asyncio.sleep(f.delay_ms / 1000)
-        if n_try <= f.timeout_tries:
-            # Hang without CPU until the client gives up (receive() returns its disconnect),
-            # bounded so a forgotten client never pins a task forever.
-            try:
-                await asyncio.wait_for(receive(), faults.MAX_TIMEOUT_S)
-            except TimeoutError:
-                self._record(entry, "timeout_expired", 504)
-                await _respond(send, 504, _error_body(504, "simulated timeout expired"))
-                return
+        if f.delay_ms and await _client_left_within(receive, f.delay_ms / 1000):
             self._record(entry, "client_gave_up", 0)
+            return
+        if n_try <= f.timeout_tries:
+            # Hang without CPU until the client gives up, bounded so a forgotten client never
+            # pins a task forever.
+            if await _client_left_within(receive, faults.MAX_TIMEOUT_S):
+                self._record(entry, "client_gave_up", 0)
+                return
+            self._record(entry, "timeout_expired", 504)
+            await _respond(send, 504, _error_body(504, "simulated timeout expired"))
             return
         if n_try <= f.rate_limit_tries:
             self._record(entry, "rate_limited", 429)
@@ -255,46 +264,27 @@ class SimUpstream:
             choices = f',"choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{reason}}}]'
             return f"data: {head}{choices}{tail}\n\n".encode()
 
-        # Watch for the client going away only when the stream takes time (delays): without
-        # them the whole answer is written in microseconds.
-        gone = asyncio.Event()
-        watcher = None
-        if f.chunk_delay_ms:
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                gone.set()
-            watcher = asyncio.ensure_future(watch())
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-            await send({"type": "http.response.body", "body": chunk('{"role":"assistant","content":""}'), "more_body": True})
-            for sent, piece in enumerate(ans.pieces):
-                if sent == f.break_after:
-                    entry["chunks_sent"] = sent
-                    self._record(entry, "broken", 200)
-                    raise StreamBroken(f"break_after={f.break_after}")
-                if f.chunk_delay_ms:
-                    try:
-                        await asyncio.wait_for(gone.wait(), f.chunk_delay_ms / 1000)
-                    except TimeoutError:
-                        pass
-                    if gone.is_set():
-                        entry["chunks_sent"] = sent
-                        self._record(entry, "client_gave_up", 200)
-                        return
-                body = chunk('{"content":' + json.dumps(piece) + "}")
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            if f.break_after >= len(ans.pieces):  # a short answer still breaks, before its end
-                entry["chunks_sent"] = len(ans.pieces)
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        await send({"type": "http.response.body", "body": chunk('{"role":"assistant","content":""}'), "more_body": True})
+        for sent, piece in enumerate(ans.pieces):
+            if sent == f.break_after:
+                entry["chunks_sent"] = sent
                 self._record(entry, "broken", 200)
                 raise StreamBroken(f"break_after={f.break_after}")
-            out = [chunk("{}", finish)]
-            if include_usage and not f.no_usage:
-                usage = json.dumps(_usage(prompt, ans.completion_tokens, f), separators=(",", ":"))
-                out.append(f'data: {head},"choices":[],"usage":{usage}}}\n\n'.encode())
-            out.append(b"data: [DONE]\n\n")
-            self._record(entry, "ok", 200)
-            await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
-        finally:
-            if watcher is not None:
-                watcher.cancel()
+            if f.chunk_delay_ms and await _client_left_within(receive, f.chunk_delay_ms / 1000):
+                entry["chunks_sent"] = sent
+                self._record(entry, "client_gave_up", 200)
+                return
+            body = chunk('{"content":' + json.dumps(piece) + "}")
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        if f.break_after >= len(ans.pieces):  # a short answer still breaks, before its end
+            entry["chunks_sent"] = len(ans.pieces)
+            self._record(entry, "broken", 200)
+            raise StreamBroken(f"break_after={f.break_after}")
+        out = [chunk("{}", finish)]
+        if include_usage and not f.no_usage:
+            usage = json.dumps(_usage(prompt, ans.completion_tokens, f), separators=(",", ":"))
+            out.append(f'data: {head},"choices":[],"usage":{usage}}}\n\n'.encode())
+        out.append(b"data: [DONE]\n\n")
+        self._record(entry, "ok", 200)
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})

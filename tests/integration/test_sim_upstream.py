@@ -187,10 +187,17 @@ def test_timeout_hangs_until_the_client_gives_up(sim: ServiceProc, client: opena
         model="gpt-4o-mini+timeout=x1", messages=messages, extra_headers={"X-TF-Request-Id": rid})  # type: ignore[arg-type]
 
 
-def test_delay(client: openai.OpenAI) -> None:
+def test_delay(sim: ServiceProc, client: openai.OpenAI) -> None:
     started = time.monotonic()
     client.chat.completions.create(model="gpt-4o-mini+delay_ms=200", messages=prompt())  # type: ignore[arg-type]
     assert time.monotonic() - started >= 0.2
+    # a client that stops waiting is noticed during the delay, not after it
+    rid = uuid.uuid4().hex
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.2).chat.completions.create(
+            model="gpt-4o-mini+delay_ms=5000", messages=prompt(), extra_headers={"X-TF-Request-Id": rid})  # type: ignore[arg-type]
+    entry = wait_for_log(sim, lambda e: e["request_id"] == rid)
+    assert entry["outcome"] == "client_gave_up" and entry["duration_ms"] < 2000
 
 
 def test_no_usage(client: openai.OpenAI) -> None:
