@@ -76,9 +76,9 @@ def start_stack(data_dir: pathlib.Path, *, catalog: pathlib.Path | None = None,
 
     threading.Thread(target=pump, daemon=True).start()
     seen: list[str] = []
-    url = token = ""
+    url = token = router = ""
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not (url and token):
+    while not (url and token and router):
         try:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
@@ -91,4 +91,6 @@ def start_stack(data_dir: pathlib.Path, *, catalog: pathlib.Path | None = None,
             url = line.removeprefix("edge: ").strip()
         elif line.startswith("admin token: "):
             token = line.removeprefix("admin token: ").strip()
+        elif line.startswith("router gRPC: "):
+            router = line.removeprefix("router gRPC: ").strip()
     return RunningStack(proc, url, token, data_dir, seen, time.monotonic() - started)

@@ -161,16 +161,20 @@ class Edge:
 
         async def events() -> AsyncIterator[bytes]:
             chunk: router_pb2.ChatCompletionChunk | None = first
+            broken = False
             try:
                 while chunk is not None:
                     kind = chunk.WhichOneof("kind")
                     if kind == "chunk_json":
                         yield b"data: " + chunk.chunk_json + b"\n\n"
                     elif kind == "error_json":
+                        # The stream broke after output: the client gets the error and no
+                        # [DONE] once the `partial` receipt is written (the settlement follows).
                         yield b"data: " + chunk.error_json + b"\n\n"
-                        return
+                        broken = True
                     elif kind == "settlement":
-                        yield b"data: [DONE]\n\n"
+                        if not broken:
+                            yield b"data: [DONE]\n\n"
                         return
                     try:
                         chunk = await iterator.__anext__()

@@ -460,10 +460,15 @@ class Router:
         err.attempts = t.attempts
         return err
 
-    def _in_background(self, coro: Awaitable[Any]) -> None:
+    def _in_background(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    async def _shielded(self, coro: Awaitable[T]) -> T:
+        """Settlement must finish even if the caller goes away meanwhile."""
+        return await asyncio.shield(self._in_background(coro))
 
     async def _finish_abandoned(self, t: Ticket) -> None:
         """The caller went away before an answer: release everything, `cancelled` receipt."""
@@ -483,17 +488,16 @@ class Router:
         try:
             done = await self._attempt_loop(t, self._attempt_unary)
         except (AllFailed, AttemptFailed) as exc:
-            err = await self._settle_failure(t, exc)
-            t.span.end()
+            try:
+                err = await self._shielded(self._settle_failure(t, exc))
+            finally:
+                t.span.end()
             raise err from None
-        except asyncio.CancelledError:
-            self._in_background(self._finish_abandoned(t))
-            raise
         except BaseException:
             self._in_background(self._finish_abandoned(t))
             raise
         try:
-            settlement = await self._settle(t, "settled", done)
+            settlement = await self._shielded(self._settle(t, "settled", done))
         finally:
             t.span.end()
         body = json.dumps(done.body, separators=(",", ":")).encode()
@@ -540,8 +544,10 @@ class Router:
         try:
             el, n, span, upstream = await self._attempt_loop(t, self._attempt_stream_open)
         except (AllFailed, AttemptFailed) as exc:
-            err = await self._settle_failure(t, exc)
-            t.span.end()
+            try:
+                err = await self._shielded(self._settle_failure(t, exc))
+            finally:
+                t.span.end()
             raise err from None
         except BaseException:
             self._in_background(self._finish_abandoned(t))
@@ -561,10 +567,11 @@ class Router:
             raise
         if state.broken is not None:
             error = TFError("upstream_error", f"The upstream stream broke after output began: {state.broken}")
+            settling = self._in_background(self._finish_stream(t, el, n, span, upstream, state, "partial"))
             yield router_pb2.ChatCompletionChunk(error_json=json.dumps(error.openai_body()).encode())
-            settlement = await self._finish_stream(t, el, n, span, upstream, state, "partial")
+            settlement = await asyncio.shield(settling)
         else:
-            settlement = await self._finish_stream(t, el, n, span, upstream, state, "settled")
+            settlement = await self._shielded(self._finish_stream(t, el, n, span, upstream, state, "settled"))
         yield router_pb2.ChatCompletionChunk(settlement=settlement)
 
     async def _finish_stream(
