@@ -285,6 +285,7 @@ class SettleOp:
     receipt: dict[str, Any]
     run_id: str | None = None
     run_step: str | None = None
+    receipt_id: str | None = None  # chosen by the router at admission; None: the ledger makes one
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,7 +675,7 @@ class Book:
                 "request_id",
             )
 
-        receipt_id = self.id_factory("rcpt")
+        receipt_id = op.receipt_id or self.id_factory("rcpt")
         amount = uncollected = 0
         display = pay or max(holds, key=lambda h: h.created_at)
         held_shown = display.amount_nano

@@ -365,6 +365,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 receipt=receipt,
                 run_id=request.run_id or None,
                 run_step=request.run_step or None,
+                receipt_id=request.receipt_id or None,
             )
         )
         assert isinstance(result, SettleResult)
