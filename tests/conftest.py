@@ -11,15 +11,26 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from tests.otlp_receiver import Receiver
 from tests.stackproc import RunningStack, start_stack
 
 E2E_CATALOG = pathlib.Path(__file__).parent / "e2e" / "catalog.yaml"
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+def otlp() -> Iterator[Receiver]:
+    receiver = Receiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp: Receiver) -> Iterator[RunningStack]:
     data_dir = tmp_path_factory.mktemp("stack") / "data"
-    running = start_stack(data_dir, catalog=E2E_CATALOG)
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    running = start_stack(data_dir, catalog=E2E_CATALOG, env=env)
     try:
         yield running
     finally:

@@ -19,12 +19,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tokenforge.errors import TFError
 from tokenforge.v1 import common_pb2
 
 log = logging.getLogger("tokenforge.rpc")
+_tracer = trace.ProxyTracer("tokenforge.rpc")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -46,20 +49,41 @@ def _incoming_context(context: grpc.aio.ServicerContext) -> otel_context.Context
     return extract(carrier)
 
 
+@functools.cache
+def _service_name(cls: type) -> str:
+    """The proto service a servicer implements, from its generated base class."""
+    for base in cls.__mro__:
+        if base.__name__.endswith("ServiceServicer"):
+            return "tokenforge.v1." + base.__name__.removesuffix("Servicer")
+    return "tokenforge.v1." + cls.__name__
+
+
+def _span_name(servicer: Any, method: str) -> str:
+    return f"{_service_name(type(servicer))}/{method}"
+
+
+def _mark_error(span: trace.Span, err: TFError) -> None:
+    span.set_attribute("rpc.grpc.status_code", err.grpc_status.value[0])
+    span.set_attribute("error.type", err.code)
+    span.set_status(Status(StatusCode.ERROR, err.code))
+
+
 def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a servicer method: attach the caller's trace context, map TFError to a status."""
+    """Wrap a servicer method: a SERVER span in the caller's trace, TFError → gRPC status."""
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            # The trace context is attached per step, never across a yield (detaching a
-            # context in another task fails when the client goes away).
-            parent = _incoming_context(context)
-            gen = fn(self, request, context, parent)
+            # The span is never *current* across a yield (detaching a context in another
+            # task fails when the client goes away); the handler gets it as `parent`.
+            span = _tracer.start_span(_span_name(self, fn.__name__), context=_incoming_context(context),
+                                      kind=SpanKind.SERVER, attributes={"rpc.system": "grpc"})
+            gen = fn(self, request, context, trace.set_span_in_context(span))
             try:
                 async for item in gen:
                     yield item
             except TFError as err:
+                _mark_error(span, err)
                 code, message, md = _error_status(err)
                 context.set_trailing_metadata(md)
                 await context.abort(code, message)
@@ -67,20 +91,23 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
                 # A client that went away closes us at a yield: close the inner generator
                 # now, so it settles what it started instead of waiting for the GC.
                 await gen.aclose()
+                span.end()
 
         return stream_wrapper
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = otel_context.attach(_incoming_context(context))
-        try:
-            return await fn(self, request, context)
-        except TFError as err:
-            code, message, md = _error_status(err)
-            context.set_trailing_metadata(md)
-            await context.abort(code, message)
-        finally:
-            otel_context.detach(token)
+        with _tracer.start_as_current_span(
+            _span_name(self, fn.__name__), context=_incoming_context(context), kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc"}, record_exception=False, set_status_on_exception=False,
+        ) as span:
+            try:
+                return await fn(self, request, context)
+            except TFError as err:
+                _mark_error(span, err)
+                code, message, md = _error_status(err)
+                context.set_trailing_metadata(md)
+                await context.abort(code, message)
 
     return wrapper
 
@@ -108,6 +135,12 @@ async def serve(
 
     `register` adds the servicers and returns their full service names.
     """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tokenforge.telemetry import setup_tracing
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        setup_tracing(name)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     service_names = list(register(server))
     health_servicer = health.aio.HealthServicer()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+
 from tokenforge.rpc import client_channel, wait_healthy
 from tokenforge.v1 import ledger_pb2 as L
 from tokenforge.v1 import ledger_pb2_grpc

@@ -10,6 +10,7 @@ import secrets
 import asyncpg
 import grpc
 import pytest
+
 from tokenforge.v1 import ledger_pb2 as L
 
 from .conftest import audit_ok, expect_error, new_customer

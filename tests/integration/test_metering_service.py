@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 import pytest_asyncio
+
+from tests.integration._procs_metering import ServiceProc, start_metering, start_service
 from tokenforge.errors import from_rpc_error
 from tokenforge.metering import tokens
 from tokenforge.rpc import client_channel, wait_healthy
 from tokenforge.v1 import common_pb2, metering_pb2, metering_pb2_grpc
-
-from tests.integration._procs_metering import ServiceProc, start_metering, start_service
 
 WALLET, CREDIT = common_pb2.BUCKET_WALLET, common_pb2.BUCKET_CREDIT
 MESSAGES = [

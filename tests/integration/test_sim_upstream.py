@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from tokenforge.metering import tokens
 
 from tests.integration._procs_metering import ServiceProc, start_sim
+from tokenforge.metering import tokens
 
 LOG_WAIT_S = 5.0
 

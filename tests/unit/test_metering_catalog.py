@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
 from tokenforge.config import Settings
 from tokenforge.metering import core, server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tokenforge.catalog import parse_catalog
 from tokenforge.errors import TFError
 from tokenforge.metering import core

@@ -7,6 +7,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tokenforge.catalog import parse_catalog
 from tokenforge.errors import TFError
 from tokenforge.metering import core

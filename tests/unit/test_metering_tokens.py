@@ -6,6 +6,7 @@ import json
 
 import pytest
 import tiktoken
+
 from tokenforge.metering import tokens
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tokenforge.metering import tokens
 from tokenforge.sim_upstream import answers, faults
 from tokenforge.sim_upstream.faults import ALWAYS, Faults
