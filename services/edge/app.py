@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
 from tokenforge.edge import shapes
 from tokenforge.errors import MD_RECEIPT, TFError, from_rpc_error
 from tokenforge.rpc import client_channel

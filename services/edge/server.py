@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import uvicorn
+
 from tokenforge.config import Settings
 from tokenforge.edge.app import Edge, build_app
 from tokenforge.telemetry import setup_tracing

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry.propagate import inject
+
 from tokenforge.errors import TFError, from_rpc_error
 from tokenforge.rpc import client_channel
 from tokenforge.v1 import ledger_pb2_grpc, metering_pb2_grpc

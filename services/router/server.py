@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
+
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
 from tokenforge.config import Settings
 from tokenforge.errors import MD_ATTEMPTS, MD_RECEIPT

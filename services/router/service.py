@@ -17,6 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
 from tokenforge.catalog import Catalog
 from tokenforge.errors import TFError
 from tokenforge.money import Bucket, format_nano, format_price

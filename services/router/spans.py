@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Span, Status, StatusCode
+
 from tokenforge.router.policy import Eligible
 from tokenforge.router.upstream import AttemptFailed
 from tokenforge.telemetry import ATTEMPT_SPAN_MARK, hex_span_id

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from tokenforge.catalog import Catalog, Channel
 
 MAX_ERROR_TEXT = 300
