@@ -1,0 +1,31 @@
+"""`tokenforge demo` runs the research-agent example to completion on the bundled catalog."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.stackproc import start_stack
+
+
+def test_demo_runs_to_completion_with_timeouts_retries_and_fallbacks(tmp_path) -> None:
+    stack = start_stack(tmp_path / "data")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "tokenforge.cli", "demo", "--url", stack.url, "--admin-token", stack.admin_token],
+            capture_output=True, text=True, timeout=180,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = out.stdout
+        assert "estimate wallet" in text
+        for step in ("market data", "analysis", "risks", "summary"):
+            assert step in text
+        # the report's totals table: 11 calls, and the flaky/503 channels forced retries and fallbacks
+        wallet_row = next(line for line in text.splitlines() if line.startswith("wallet "))
+        cols = wallet_row.split()
+        calls, attempts, failed, retries, fallbacks = (int(c) for c in cols[3:8])
+        assert calls == 11 and failed == 6 and attempts == calls + failed
+        assert retries == 3 and fallbacks == 3
+        assert "report page:" in text and "failed call" not in text
+    finally:
+        assert stack.stop() == 0
