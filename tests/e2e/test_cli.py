@@ -1,0 +1,49 @@
+"""The `tokenforge admin|receipt|run report` commands against a running stack."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from tests.conftest import make_customer
+from tests.e2e.helpers import chat
+
+
+def tf(stack, *args: str, api_key: str | None = None) -> str:
+    cmd = [sys.executable, "-m", "tokenforge.cli", *args[:1]]
+    conn = ["--url", stack.url, "--admin-token", stack.admin_token] + (["--api-key", api_key] if api_key else [])
+    if args[0] == "run":
+        cmd = [sys.executable, "-m", "tokenforge.cli", "run", "report", *args[2:], *conn]
+    else:
+        cmd += [*conn, *args[1:]] if args[0] == "admin" else [*args[1:], *conn]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_admin_commands_create_fund_and_inspect(stack) -> None:
+    created = tf(stack, "admin", "account", "create", "cli-co")
+    account_id = re.search(r"acct_\w+", created).group(0)
+    shown = tf(stack, "admin", "topup", account_id, "wallet", "2.50")
+    assert "2.500000" in shown
+    key_out = tf(stack, "admin", "key", "create", "--account", account_id, "--name", "cli-bot", "--route-policy", "auto")
+    key_id = re.search(r"key_\w+", key_out).group(0)
+    assert "sk-tf-" in key_out
+    listed = tf(stack, "admin", "key", "list", "--account", account_id)
+    assert key_id in listed and "active" in listed
+    balances = json.loads(tf(stack, "admin", "--json", "balances", account_id))
+    assert balances["buckets"]["wallet"]["balance"] == "2.500000"
+    assert "ok" in tf(stack, "admin", "audit")
+
+
+def test_receipt_and_run_report_print_for_people(stack) -> None:
+    c = make_customer(stack)
+    with c.client() as http:
+        run = http.post("/v1/runs", json={"name": "cli run"}).json()
+    _, headers = chat(c, "m-timeout", extra_headers={"X-TF-Run-Id": run["id"], "X-TF-Run-Step": "lookup"})
+    text = tf(stack, "receipt", headers["x-tf-receipt-id"])
+    assert "slow-a" in text and "timeout" in text and "cheap-b" in text and "fallback from slow-a" in text
+    report = tf(stack, "run", "report", run["id"], api_key=c.secret)
+    assert run["id"] in report and "lookup" in report and "Totals" in report
