@@ -11,6 +11,7 @@ import logging
 import os
 
 import grpc
+
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
 from tokenforge.config import Settings
 from tokenforge.errors import TFError

@@ -11,6 +11,7 @@ import signal
 import socket
 
 import uvicorn
+
 from tokenforge.config import Settings
 from tokenforge.metering import tokens
 from tokenforge.sim_upstream.app import SimUpstream, StreamBroken
