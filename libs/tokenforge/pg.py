@@ -26,7 +26,11 @@ class EmbeddedPostgres:
 
 def start_embedded(data_dir: str | os.PathLike[str]) -> EmbeddedPostgres:
     """Start (or reuse) PostgreSQL with its data under `data_dir`; returns its URL."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        # pgserver keeps a short socket folder there when the data path is long.
+        runtime = pathlib.Path(f"/tmp/tokenforge-runtime-{os.getuid()}")
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     import pgserver
 
     pgdata = pathlib.Path(data_dir).resolve()
