@@ -59,8 +59,9 @@ def new_id(prefix: str) -> str:
 
 def rfc3339(at: dt.datetime) -> str:
     """UTC timestamp, millisecond precision: 2026-12-03T10:00:00.123Z."""
-    at = at.astimezone(dt.UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    if at.utcoffset():
+        at = at.astimezone(dt.UTC)
+    return at.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_bucket(value: int, *, param: str = "bucket", allow_unspecified: bool = False) -> Bucket | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+
 from tokenforge.config import Settings
 from tokenforge.errors import TFError
 from tokenforge.ledger import core, migrations, report, store

@@ -1,9 +1,9 @@
 """The asyncpg adapter: loads and locks the rows a batch of operations touches into a
 `core.Book`, writes back what the book changed, and answers the read-only queries.
 
-Locking order, everywhere: bucket rows (sorted by account, bucket) → runs → keys. Every money
-movement of an account first locks that account's two bucket rows, so holds, runs and key
-usage of the account are stable while a batch is applied, even with several ledger replicas.
+Locking order, everywhere: account rows (sorted) → runs → keys. Every money movement of an
+account first locks that account's row, so its buckets, holds, runs and key usage are stable
+while a batch is applied, even with several ledger replicas.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from tokenforge.ledger import core
 from tokenforge.ledger.core import (
     Book,
@@ -153,9 +154,13 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
         elif isinstance(op, CloseRunOp):
             run_ids.add(op.run_id)
 
+    # The account row is the lock that serialises every money movement of the account; its
+    # buckets are read in the same statement. NO KEY UPDATE: new keys and runs of the account
+    # (whose foreign keys take KEY SHARE on it) are not blocked by a batch.
     for r in await conn.fetch(
-        """SELECT account_id, bucket, balance_nano, held_nano FROM buckets
-            WHERE account_id = ANY($1::text[]) ORDER BY account_id, bucket FOR UPDATE""",
+        """SELECT b.account_id, b.bucket, b.balance_nano, b.held_nano
+             FROM accounts a JOIN buckets b ON b.account_id = a.id
+            WHERE a.id = ANY($1::text[]) ORDER BY a.id FOR NO KEY UPDATE OF a""",
         sorted(account_ids),
     ):
         bucket = Bucket(r["bucket"])
@@ -227,7 +232,31 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing a book back: one set-based statement per table, whatever the batch size.
+# Writing a book back: ONE statement (data-modifying CTEs over unnest()ed arrays), whatever the
+# batch size: one round trip instead of one per table, which matters on a busy 2-core machine
+# where every round trip is also a pair of context switches.
+
+
+class _Writes:
+    """Collects `WITH name AS (sql)` parts and their array parameters."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.args: list[list[Any]] = []
+
+    def add(self, name: str, sql: str, types: Sequence[str], rows: Sequence[Any], *getters: Any) -> None:
+        if not rows:
+            return
+        assert len(types) == len(getters)
+        first = len(self.args) + 1
+        params = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+        self.parts.append(f"{name} AS ({sql.replace('{params}', params)})")
+        self.args.extend(_cols(rows, *getters))
+
+    def statement(self) -> str | None:
+        if not self.parts:
+            return None
+        return "WITH " + ",\n".join(self.parts) + "\nSELECT 1"
 
 
 def _cols(rows: Iterable[Any], *getters: Any) -> list[list[Any]]:
@@ -239,149 +268,123 @@ def _cols(rows: Iterable[Any], *getters: Any) -> list[list[Any]]:
 
 
 async def write_book(conn: asyncpg.Connection, book: Book) -> None:
-    new_runs = [r for r in book.runs.values() if r.new]
-    if new_runs:
-        await conn.execute(
-            """INSERT INTO runs (id, key_id, account_id, name, status, budget_wallet_nano,
-                   budget_credit_nano, reserved_wallet_nano, reserved_credit_nano,
-                   spent_wallet_nano, spent_credit_nano, estimate, expires_at, created_at, closed_at)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                   $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
-                   $11::bigint[], $12::jsonb[], $13::timestamptz[], $14::timestamptz[],
-                   $15::timestamptz[])""",
-            *_cols(
-                new_runs,
-                lambda r: r.id, lambda r: r.key_id, lambda r: r.account_id, lambda r: r.name,
-                lambda r: r.status, lambda r: r.budget[W], lambda r: r.budget[C],
-                lambda r: r.reserved[W], lambda r: r.reserved[C], lambda r: r.spent[W],
-                lambda r: r.spent[C], lambda r: r.estimate_json, lambda r: r.expires_at,
-                lambda r: r.created_at, lambda r: r.closed_at,
-            ),
-        )
-    dirty_runs = [r for r in book.runs.values() if r.dirty and not r.new]
-    if dirty_runs:
-        await conn.execute(
-            """UPDATE runs SET status = u.status, reserved_wallet_nano = u.rw,
-                   reserved_credit_nano = u.rc, spent_wallet_nano = u.sw, spent_credit_nano = u.sc,
-                   closed_at = u.closed_at
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                             $6::bigint[], $7::timestamptz[]) AS u(id, status, rw, rc, sw, sc, closed_at)
-                WHERE runs.id = u.id""",
-            *_cols(
-                dirty_runs,
-                lambda r: r.id, lambda r: r.status, lambda r: r.reserved[W], lambda r: r.reserved[C],
-                lambda r: r.spent[W], lambda r: r.spent[C], lambda r: r.closed_at,
-            ),
-        )
-    if book.new_topups:
-        await conn.execute(
-            """INSERT INTO topups (id, idempotency_key, account_id, bucket, amount_nano, created_at)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                                    $6::timestamptz[])""",
-            *_cols(
-                book.new_topups,
-                lambda t: t.id, lambda t: t.idempotency_key, lambda t: t.account_id,
-                lambda t: t.bucket.value, lambda t: t.amount_nano, lambda t: t.created_at,
-            ),
-        )
-    new_holds = [h for h in book.holds.values() if h.new]
-    if new_holds:
-        await conn.execute(
-            f"""INSERT INTO holds ({_HOLD_COLS})
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                   $6::text[], $7::bool[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[],
-                   $12::int[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[])""",
-            *_cols(
-                new_holds,
-                lambda h: h.id, lambda h: h.request_id, lambda h: h.bucket.value,
-                lambda h: h.account_id, lambda h: h.key_id, lambda h: h.run_id,
-                lambda h: h.run_funded, lambda h: h.amount_nano, lambda h: h.state,
-                lambda h: h.captured_nano, lambda h: h.released_nano, lambda h: h.ttl_s,
-                lambda h: h.expires_at, lambda h: h.created_at, lambda h: h.closed_at,
-            ),
-        )
-    dirty_holds = [h for h in book.holds.values() if h.dirty and not h.new]
-    if dirty_holds:
-        await conn.execute(
-            """UPDATE holds SET state = u.state, captured_nano = u.captured,
-                   released_nano = u.released, closed_at = u.closed_at
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[])
-                      AS u(id, state, captured, released, closed_at)
-                WHERE holds.id = u.id""",
-            *_cols(
-                dirty_holds,
-                lambda h: h.id, lambda h: h.state, lambda h: h.captured_nano,
-                lambda h: h.released_nano, lambda h: h.closed_at,
-            ),
-        )
-    dirty_buckets = [b for b in book.buckets.values() if b.dirty]
-    if dirty_buckets:
-        await conn.execute(
-            """UPDATE buckets SET balance_nano = u.balance, held_nano = u.held
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                      AS u(account_id, bucket, balance, held)
-                WHERE buckets.account_id = u.account_id AND buckets.bucket = u.bucket""",
-            *_cols(
-                dirty_buckets,
-                lambda b: b.account_id, lambda b: b.bucket.value, lambda b: b.balance_nano,
-                lambda b: b.held_nano,
-            ),
-        )
-    dirty_keys = [k for k in book.keys.values() if k.dirty]
-    if dirty_keys:
-        await conn.execute(
-            """UPDATE keys SET spent_wallet_nano = u.sw, spent_credit_nano = u.sc,
-                   held_wallet_nano = u.hw, held_credit_nano = u.hc, day = u.day,
-                   day_wallet_nano = u.dw, day_credit_nano = u.dc
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                             $6::date[], $7::bigint[], $8::bigint[])
-                      AS u(id, sw, sc, hw, hc, day, dw, dc)
-                WHERE keys.id = u.id""",
-            *_cols(
-                dirty_keys,
-                lambda k: k.id, lambda k: k.spent[W], lambda k: k.spent[C], lambda k: k.held[W],
-                lambda k: k.held[C], lambda k: k.day, lambda k: k.day_spent[W],
-                lambda k: k.day_spent[C],
-            ),
-        )
-    if book.new_receipts:
-        await conn.execute(
-            """INSERT INTO receipts (id, request_id, key_id, account_id, run_id, run_step, status,
-                   bucket, rated_nano, amount_nano, uncollected_nano, held_nano, released_nano,
-                   created_at, body)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                   $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[],
-                   $12::bigint[], $13::bigint[], $14::timestamptz[], $15::jsonb[])""",
-            *_cols(
-                book.new_receipts,
-                lambda r: r.id, lambda r: r.request_id, lambda r: r.key_id, lambda r: r.account_id,
-                lambda r: r.run_id, lambda r: r.run_step, lambda r: r.status,
-                lambda r: r.bucket.value if r.bucket else None, lambda r: r.rated_nano,
-                lambda r: r.amount_nano, lambda r: r.uncollected_nano, lambda r: r.held_nano,
-                lambda r: r.released_nano, lambda r: r.created_at, lambda r: r.body_json,
-            ),
-        )
-    if book.transfers:
-        # WITH ORDINALITY + ORDER BY: ids follow the order the batch applied the operations.
-        await conn.execute(
-            """INSERT INTO transfers (at, kind, unit, src, dst, amount_nano, account_id, bucket,
-                   key_id, ref, receipt_id, balance_after_nano)
-               SELECT at, kind, unit, src, dst, amount_nano, account_id, bucket, key_id, ref,
-                      receipt_id, balance_after_nano
-                 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
-                             $11::text[], $12::bigint[])
-                      WITH ORDINALITY AS t(at, kind, unit, src, dst, amount_nano, account_id,
-                                           bucket, key_id, ref, receipt_id, balance_after_nano, n)
-                ORDER BY n""",
-            *_cols(
-                book.transfers,
-                lambda t: t.at, lambda t: t.kind, lambda t: t.unit, lambda t: t.src,
-                lambda t: t.dst, lambda t: t.amount_nano, lambda t: t.account_id,
-                lambda t: t.bucket.value, lambda t: t.key_id, lambda t: t.ref,
-                lambda t: t.receipt_id, lambda t: t.balance_after_nano,
-            ),
-        )
+    w = _Writes()
+    w.add(
+        "new_runs",
+        """INSERT INTO runs (id, key_id, account_id, name, status, budget_wallet_nano,
+               budget_credit_nano, reserved_wallet_nano, reserved_credit_nano, spent_wallet_nano,
+               spent_credit_nano, estimate, expires_at, created_at, closed_at)
+           SELECT * FROM unnest({params})""",
+        ["text", "text", "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint",
+         "bigint", "jsonb", "timestamptz", "timestamptz", "timestamptz"],
+        [r for r in book.runs.values() if r.new],
+        lambda r: r.id, lambda r: r.key_id, lambda r: r.account_id, lambda r: r.name,
+        lambda r: r.status, lambda r: r.budget[W], lambda r: r.budget[C], lambda r: r.reserved[W],
+        lambda r: r.reserved[C], lambda r: r.spent[W], lambda r: r.spent[C],
+        lambda r: r.estimate_json, lambda r: r.expires_at, lambda r: r.created_at,
+        lambda r: r.closed_at,
+    )
+    w.add(
+        "runs_changed",
+        """UPDATE runs SET status = u.status, reserved_wallet_nano = u.rw,
+               reserved_credit_nano = u.rc, spent_wallet_nano = u.sw, spent_credit_nano = u.sc,
+               closed_at = u.closed_at
+             FROM unnest({params}) AS u(id, status, rw, rc, sw, sc, closed_at)
+            WHERE runs.id = u.id""",
+        ["text", "text", "bigint", "bigint", "bigint", "bigint", "timestamptz"],
+        [r for r in book.runs.values() if r.dirty and not r.new],
+        lambda r: r.id, lambda r: r.status, lambda r: r.reserved[W], lambda r: r.reserved[C],
+        lambda r: r.spent[W], lambda r: r.spent[C], lambda r: r.closed_at,
+    )
+    w.add(
+        "new_topups",
+        """INSERT INTO topups (id, idempotency_key, account_id, bucket, amount_nano, created_at)
+           SELECT * FROM unnest({params})""",
+        ["text", "text", "text", "text", "bigint", "timestamptz"],
+        book.new_topups,
+        lambda t: t.id, lambda t: t.idempotency_key, lambda t: t.account_id,
+        lambda t: t.bucket.value, lambda t: t.amount_nano, lambda t: t.created_at,
+    )
+    w.add(
+        "new_holds",
+        f"INSERT INTO holds ({_HOLD_COLS}) SELECT * FROM unnest({{params}})",
+        ["text", "text", "text", "text", "text", "text", "bool", "bigint", "text", "bigint",
+         "bigint", "int", "timestamptz", "timestamptz", "timestamptz"],
+        [h for h in book.holds.values() if h.new],
+        lambda h: h.id, lambda h: h.request_id, lambda h: h.bucket.value, lambda h: h.account_id,
+        lambda h: h.key_id, lambda h: h.run_id, lambda h: h.run_funded, lambda h: h.amount_nano,
+        lambda h: h.state, lambda h: h.captured_nano, lambda h: h.released_nano,
+        lambda h: h.ttl_s, lambda h: h.expires_at, lambda h: h.created_at, lambda h: h.closed_at,
+    )
+    w.add(
+        "holds_changed",
+        """UPDATE holds SET state = u.state, captured_nano = u.captured,
+               released_nano = u.released, closed_at = u.closed_at
+             FROM unnest({params}) AS u(request_id, bucket, state, captured, released, closed_at)
+            WHERE holds.request_id = u.request_id AND holds.bucket = u.bucket""",
+        ["text", "text", "text", "bigint", "bigint", "timestamptz"],
+        [h for h in book.holds.values() if h.dirty and not h.new],
+        lambda h: h.request_id, lambda h: h.bucket.value, lambda h: h.state,
+        lambda h: h.captured_nano, lambda h: h.released_nano, lambda h: h.closed_at,
+    )
+    w.add(
+        "buckets_changed",
+        """UPDATE buckets SET balance_nano = u.balance, held_nano = u.held
+             FROM unnest({params}) AS u(account_id, bucket, balance, held)
+            WHERE buckets.account_id = u.account_id AND buckets.bucket = u.bucket""",
+        ["text", "text", "bigint", "bigint"],
+        [b for b in book.buckets.values() if b.dirty],
+        lambda b: b.account_id, lambda b: b.bucket.value, lambda b: b.balance_nano,
+        lambda b: b.held_nano,
+    )
+    w.add(
+        "keys_changed",
+        """UPDATE keys SET spent_wallet_nano = u.sw, spent_credit_nano = u.sc,
+               held_wallet_nano = u.hw, held_credit_nano = u.hc, day = u.day,
+               day_wallet_nano = u.dw, day_credit_nano = u.dc
+             FROM unnest({params}) AS u(id, sw, sc, hw, hc, day, dw, dc)
+            WHERE keys.id = u.id""",
+        ["text", "bigint", "bigint", "bigint", "bigint", "date", "bigint", "bigint"],
+        [k for k in book.keys.values() if k.dirty],
+        lambda k: k.id, lambda k: k.spent[W], lambda k: k.spent[C], lambda k: k.held[W],
+        lambda k: k.held[C], lambda k: k.day, lambda k: k.day_spent[W], lambda k: k.day_spent[C],
+    )
+    w.add(
+        "new_receipts",
+        """INSERT INTO receipts (id, request_id, key_id, account_id, run_id, run_step, status,
+               bucket, rated_nano, amount_nano, uncollected_nano, held_nano, released_nano,
+               created_at, body)
+           SELECT * FROM unnest({params})""",
+        ["text", "text", "text", "text", "text", "text", "text", "text", "bigint", "bigint",
+         "bigint", "bigint", "bigint", "timestamptz", "jsonb"],
+        book.new_receipts,
+        lambda r: r.id, lambda r: r.request_id, lambda r: r.key_id, lambda r: r.account_id,
+        lambda r: r.run_id, lambda r: r.run_step, lambda r: r.status,
+        lambda r: r.bucket.value if r.bucket else None, lambda r: r.rated_nano,
+        lambda r: r.amount_nano, lambda r: r.uncollected_nano, lambda r: r.held_nano,
+        lambda r: r.released_nano, lambda r: r.created_at, lambda r: r.body_json,
+    )
+    # WITH ORDINALITY + ORDER BY: ids follow the order in which the batch applied operations.
+    w.add(
+        "new_transfers",
+        """INSERT INTO transfers (at, kind, unit, src, dst, amount_nano, account_id, bucket,
+               key_id, ref, receipt_id, balance_after_nano)
+           SELECT at, kind, unit, src, dst, amount_nano, account_id, bucket, key_id, ref,
+                  receipt_id, balance_after_nano
+             FROM unnest({params}) WITH ORDINALITY AS t(at, kind, unit, src, dst, amount_nano,
+                  account_id, bucket, key_id, ref, receipt_id, balance_after_nano, n)
+            ORDER BY n""",
+        ["timestamptz", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
+         "text", "bigint"],
+        book.transfers,
+        lambda t: t.at, lambda t: t.kind, lambda t: t.unit, lambda t: t.src, lambda t: t.dst,
+        lambda t: t.amount_nano, lambda t: t.account_id, lambda t: t.bucket.value,
+        lambda t: t.key_id, lambda t: t.ref, lambda t: t.receipt_id,
+        lambda t: t.balance_after_nano,
+    )
+    sql = w.statement()
+    if sql is not None:
+        await conn.execute(sql, *w.args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,7 +644,8 @@ async def statement(
                   SELECT id, at, kind, bucket, {signed} AS amount, receipt_id, key_id,
                          sum({signed}) OVER (PARTITION BY bucket ORDER BY id) AS running
                     FROM transfers
-                   WHERE key_id = $1 AND bucket = ANY($2::text[]) AND kind = ANY($3::text[])
+                   WHERE account_id = (SELECT account_id FROM keys WHERE id = $1)
+                     AND key_id = $1 AND bucket = ANY($2::text[]) AND kind = ANY($3::text[])
                 ) s WHERE id > $4 ORDER BY id LIMIT $5""",
             key_id, buckets, STATEMENT_KINDS, after or 0, limit + 1,
         )

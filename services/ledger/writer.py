@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
+
 from tokenforge.errors import TFError
 from tokenforge.ledger import store
 from tokenforge.ledger.core import Book, Op, Policy, Result
@@ -97,8 +98,9 @@ class Writer:
             self._queue.put_nowait(_Pending(op, future))
         except asyncio.QueueFull:
             raise TFError("unavailable", "the ledger is overloaded; retry shortly") from None
-        # shield: a caller that goes away must not cancel the future the writer will resolve
-        return await asyncio.shield(future)
+        # A caller that goes away cancels `future`; the writer skips futures already done, and
+        # the operation itself still commits (a replay by request id returns its result).
+        return await future
 
     async def _run(self) -> None:
         while True:

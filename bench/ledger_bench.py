@@ -1,0 +1,388 @@
+"""Ledger benchmark: hold + capture pairs per second through the ledger's gRPC API.
+
+    python bench/ledger_bench.py [--seconds 10] [--clients 64] [--accounts 1000] [--procs 1]
+
+Starts PostgreSQL (embedded, in a temporary folder, unless TF_DATABASE_URL is set: then a
+fresh database is made on that server and dropped afterwards) and a real ledger process
+(`tokenforge serve ledger`), then runs, for (a) one hot account and (b) 1,000 accounts:
+
+  ledger   --clients concurrent clients, each doing Hold then Settle (a receipt is written)
+           through gRPC, for --seconds;
+  direct   the same number of concurrent asyncpg connections doing the bare minimum of that
+           work one statement per commit: a conditional UPDATE that reserves, then an UPDATE
+           that captures (no holds table, no journal, no receipt).
+
+It prints pairs/s, p50 and p99 of a pair's latency, and ledger/direct as ratios. Durability
+is as configured by PostgreSQL (synchronous_commit on, fsync on): nothing is switched off.
+Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import asyncpg
+
+ONE = 1_000_000_000
+HOLD_NANO = 20_000_000  # 0.02
+RATED_NANO = 2_880_000  # 0.00288
+RECEIPT = json.dumps(
+    {
+        "trace_id": "0" * 32,
+        "route_policy": "routed",
+        "requested_model": "gpt-4o-mini",
+        "final_attempt": 1,
+        "attempts": [
+            {"n": 1, "span_id": "0" * 16, "channel": "cheap-a", "role": "primary", "route": "routed",
+             "upstream_model": "gpt-4o-mini-compat", "response_model": "gpt-4o-mini", "outcome": "success",
+             "http_status": 200, "error": None, "upstream_may_bill": True, "duration_ms": 840,
+             "usage": {"input_tokens": 1200, "output_tokens": 300, "cached_input_tokens": 0},
+             "usage_source": "upstream", "charged": "0.002880"}
+        ],
+        "usage": {"input_tokens": 1200, "output_tokens": 300, "cached_input_tokens": 0},
+        "price": {"unit": "CNY", "input": "1.20", "output": "4.80", "cached_input": "0.60"},
+        "fallback": {"used": False},
+    }
+).encode()
+
+
+@dataclass
+class Result:
+    pairs: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.pairs / self.seconds
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        return statistics.quantiles(self.latencies_ms, n=100)[int(q) - 1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC clients (optionally spread over several processes so the client is not the bottleneck)
+
+
+async def _grpc_clients(addr: str, keys: list[str], clients: int, seconds: float, offset: int) -> tuple[int, list[float]]:
+    from tokenforge.rpc import client_channel
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    latencies: list[float] = []
+    pairs = 0
+    async with client_channel(addr) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        deadline = time.perf_counter() + seconds
+        prefix = secrets.token_hex(4)
+
+        async def client(i: int) -> None:
+            nonlocal pairs
+            n = 0
+            while time.perf_counter() < deadline:
+                key = keys[(offset + i + n * clients) % len(keys)]
+                rid = f"b{prefix}-{i}-{n}"
+                n += 1
+                t0 = time.perf_counter()
+                await stub.Hold(L.HoldRequest(request_id=rid, key_id=key, bucket=1, amount_nano=HOLD_NANO))
+                await stub.Settle(L.SettleRequest(request_id=rid, key_id=key, bucket=1, rated_nano=RATED_NANO,
+                                                  status="settled", receipt_json=RECEIPT))
+                latencies.append((time.perf_counter() - t0) * 1000)
+                pairs += 1
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return pairs, latencies
+
+
+def _grpc_proc(addr: str, keys: list[str], clients: int, seconds: float, offset: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    out.put(asyncio.run(_grpc_clients(addr, keys, clients, seconds, offset)))
+
+
+def run_grpc(addr: str, keys: list[str], clients: int, seconds: float, procs: int) -> Result:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    workers = [
+        ctx.Process(target=_grpc_proc, args=(addr, keys, n, seconds, sum(per[:i]), out)) for i, n in enumerate(per)
+    ]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    results = [out.get(timeout=seconds + 120) for _ in workers]
+    elapsed = time.perf_counter() - t0
+    for w in workers:
+        w.join(30)
+    pairs = sum(r[0] for r in results)
+    lat = [x for r in results for x in r[1]]
+    # time of the measured loops, not of process start-up
+    return Result(pairs, min(elapsed, seconds + 0.5), lat)
+
+
+# ---------------------------------------------------------------------------------------------
+# the gRPC layer alone: a server whose Hold and Settle do nothing, to show this machine's ceiling
+
+
+def noop_server(addr: str) -> None:
+    import grpc
+
+    from tokenforge.rpc import install_uvloop
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    class Noop(ledger_pb2_grpc.LedgerServiceServicer):
+        async def Hold(self, request, context):  # type: ignore[no-untyped-def]
+            return L.HoldResponse(hold_id="hold_noop", amount_nano=request.amount_nano)
+
+        async def Settle(self, request, context):  # type: ignore[no-untyped-def]
+            return L.SettleResponse(receipt_id="rcpt_noop", amount_nano=request.rated_nano)
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(Noop(), server)
+        server.add_insecure_port(addr)
+        await server.start()
+        await server.wait_for_termination()
+
+    install_uvloop()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# the same work straight through asyncpg, one statement per commit
+
+
+async def run_direct(url: str, accounts: list[str], clients: int, seconds: float) -> Result:
+    pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
+    assert pool is not None
+    latencies: list[float] = []
+    pairs = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal pairs
+        n = 0
+        while time.perf_counter() < deadline:
+            account = accounts[(i + n * clients) % len(accounts)]
+            n += 1
+            t0 = time.perf_counter()
+            async with pool.acquire() as conn:
+                ok = await conn.fetchval(
+                    """UPDATE bench_buckets SET held_nano = held_nano + $2
+                        WHERE account_id = $1 AND balance_nano - held_nano >= $2 RETURNING true""",
+                    account, HOLD_NANO,
+                )
+                assert ok
+                await conn.execute(
+                    """UPDATE bench_buckets SET balance_nano = balance_nano - $2, held_nano = held_nano - $3
+                        WHERE account_id = $1""",
+                    account, RATED_NANO, HOLD_NANO,
+                )
+            latencies.append((time.perf_counter() - t0) * 1000)
+            pairs += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - t0
+    await pool.close()
+    return Result(pairs, elapsed, latencies)
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+async def make_database(server_url: str) -> tuple[str, str]:
+    name = "tf_ledger_bench_" + secrets.token_hex(4)
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urllib.parse.urlsplit(server_url)
+    return name, urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def seed(addr: str, n_accounts: int) -> list[str]:
+    from tokenforge.rpc import client_channel
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    async with client_channel(addr) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> str:
+            async with sem:
+                account = await stub.CreateAccount(L.CreateAccountRequest(name=f"bench-{i}"))
+                await stub.TopUp(L.TopUpRequest(account_id=account.id, bucket=1, amount_nano=1_000_000 * ONE,
+                                                idempotency_key=f"bench-{account.id}"))
+                key = await stub.CreateKey(L.CreateKeyRequest(account_id=account.id, name="bench", route_policy=1))
+                return key.key.id
+
+        return list(await asyncio.gather(*(one(i) for i in range(n_accounts))))
+
+
+async def seed_direct(url: str, n_accounts: int) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS bench_buckets (
+                   account_id text PRIMARY KEY,
+                   balance_nano bigint NOT NULL CHECK (balance_nano >= 0),
+                   held_nano bigint NOT NULL CHECK (held_nano >= 0 AND held_nano <= balance_nano))"""
+        )
+        ids = [f"bench-{n_accounts}-{i}" for i in range(n_accounts)]
+        await conn.executemany(
+            "INSERT INTO bench_buckets VALUES ($1, $2, 0)", [(a, 1_000_000 * ONE) for a in ids]
+        )
+        return ids
+    finally:
+        await conn.close()
+
+
+async def wait_ready_plain(addr: str) -> None:
+    """Wait until a server without health checking accepts connections."""
+    import grpc
+
+    from tokenforge.rpc import client_channel
+
+    async with client_channel(addr) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+    del grpc
+
+
+async def wait_ready(addr: str) -> None:
+    from tokenforge.rpc import wait_healthy
+
+    await wait_healthy(addr, 30)
+
+
+def fmt(r: Result) -> str:
+    return f"{r.rate:8.0f} pairs/s   p50 {r.pct(50):7.1f} ms   p99 {r.pct(99):7.1f} ms   ({r.pairs} pairs)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--accounts", type=int, default=1000)
+    ap.add_argument("--procs", type=int, default=1, help="client processes for the gRPC runs")
+    ap.add_argument("--writers", type=int, default=4, help="TF_LEDGER_WRITERS for the ledger")
+    ap.add_argument("--noop-server", metavar="ADDR", help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    if ns.noop_server:
+        noop_server(ns.noop_server)
+        return 0
+
+    tmp = tempfile.TemporaryDirectory(prefix="tf-bench-")
+    pg = None
+    server_url = os.environ.get("TF_DATABASE_URL")
+    if not server_url:
+        from tokenforge.pg import start_embedded
+
+        pg = start_embedded(pathlib.Path(tmp.name) / "pg")
+        server_url = pg.url
+    dbname, url = asyncio.run(make_database(server_url))
+    addr = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, TF_DATABASE_URL=url, TF_LEDGER_ADDR=addr, TF_LEDGER_WRITERS=str(ns.writers))
+    log_path = pathlib.Path(tmp.name) / "ledger.log"
+    script = pathlib.Path(sys.executable).parent / "tokenforge"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenforge.cli"]
+    with log_path.open("wb") as log:
+        ledger = subprocess.Popen([*cmd, "serve", "ledger"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(wait_ready(addr))
+        hot_keys = asyncio.run(seed(addr, 1))
+        spread_keys = asyncio.run(seed(addr, ns.accounts))
+        hot_direct = asyncio.run(seed_direct(url, 1))
+        spread_direct = asyncio.run(seed_direct(url, ns.accounts))
+        print(f"ledger bench: {ns.clients} concurrent clients, {ns.seconds:.0f} s per case, "
+              f"{os.cpu_count()} cores, writers={ns.writers}, client procs={ns.procs}")
+        rows = []
+        for label, keys, direct_ids in (
+            ("hot account ", hot_keys, hot_direct),
+            (f"{ns.accounts} accounts", spread_keys, spread_direct),
+        ):
+            g = run_grpc(addr, keys, ns.clients, ns.seconds, ns.procs)
+            d = asyncio.run(run_direct(url, direct_ids, ns.clients, ns.seconds))
+            rows.append((label, g, d))
+            print(f"{label:14s} ledger gRPC  {fmt(g)}")
+            print(f"{'':14s} asyncpg 1/commit {fmt(d)}")
+            print(f"{'':14s} ratio ledger/direct: throughput x{g.rate / d.rate:.2f}, "
+                  f"p50 x{g.pct(50) / d.pct(50):.2f}, p99 x{g.pct(99) / d.pct(99):.2f}")
+        noop_addr = f"127.0.0.1:{free_port()}"
+        noop = subprocess.Popen([sys.executable, __file__, "--noop-server", noop_addr])
+        try:
+            asyncio.run(wait_ready_plain(noop_addr))
+            n = run_grpc(noop_addr, hot_keys, ns.clients, ns.seconds, ns.procs)
+        finally:
+            noop.kill()
+            noop.wait(10)
+        print(f"{'gRPC ceiling':14s} no-op server {fmt(n)}")
+        print(f"{'':14s} (the same two calls per pair against a server that does nothing: what Python")
+        print(f"{'':14s}  gRPC alone allows on this machine; ledger/ceiling: hot x{rows[0][1].rate / n.rate:.2f}, "
+              f"spread x{rows[1][1].rate / n.rate:.2f})")
+        audit = asyncio.run(_audit(addr))
+        print(f"audit after the run: {'ok' if audit.ok else list(audit.problems)}")
+    finally:
+        ledger.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ledger.wait(15)
+        if ledger.poll() is None:
+            ledger.kill()
+        asyncio.run(drop_database(server_url, dbname))
+        if pg is not None:
+            pg.stop()
+        tmp.cleanup()
+    return 0
+
+
+async def _audit(addr: str):  # type: ignore[no-untyped-def]
+    from tokenforge.rpc import client_channel
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    async with client_channel(addr) as channel:
+        return await ledger_pb2_grpc.LedgerServiceStub(channel).Audit(L.AuditRequest())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
