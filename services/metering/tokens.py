@@ -17,6 +17,7 @@ message has a `name`, and 3 to prime the reply.
 from __future__ import annotations
 
 import functools
+import gc
 import gzip
 import hashlib
 import importlib.resources
@@ -87,12 +88,18 @@ def _build(name: str) -> tiktoken.Encoding:
         spec = constructor()
     finally:
         openai_public.load_tiktoken_bpe = original
-    return tiktoken.Encoding(
+    enc = tiktoken.Encoding(
         name=spec["name"],
         pat_str=spec["pat_str"],
         mergeable_ranks=spec["mergeable_ranks"],
         special_tokens=spec["special_tokens"],
     )
+    # The Rust core keeps its own copy of the ranks; the Python dict (about 25 MiB for o200k)
+    # is only needed to pickle the encoding, which we never do.
+    enc._mergeable_ranks = {}
+    del spec
+    gc.collect()
+    return enc
 
 
 def encoding(name: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
