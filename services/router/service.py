@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -560,8 +559,8 @@ class Router:
                 chunk = state.take(event, t.req)
                 if chunk is not None:
                     yield router_pb2.ChatCompletionChunk(chunk_json=chunk)
-        except (AttemptFailed, httpx.HTTPError) as exc:
-            state.broken = exc.error if isinstance(exc, AttemptFailed) else f"stream broke: {type(exc).__name__}"
+        except AttemptFailed as exc:
+            state.broken = exc.error
         except BaseException:
             # The client went away (cancelled or closed at a yield): finish without it.
             self._in_background(self._finish_stream(t, el, n, span, upstream, state, "cancelled"))

@@ -3,18 +3,29 @@ of every way an attempt can end (SPEC §5 `outcome`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
+import yarl
 
 from tokenforge.catalog import Catalog, Channel
 
 MAX_ERROR_TEXT = 300
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
 MAX_SSE_LINE_BYTES = 1024 * 1024
+MAX_CONNECTIONS_PER_CHANNEL = 512
+KEEPALIVE_S = 60.0
+DNS_CACHE_S = 60
+READ_BUFFER_BYTES = 256 * 1024
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -55,8 +66,8 @@ def upstream_reason(resp_text: str) -> str:
     return _short(resp_text) if resp_text else "no reason given"
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    raw = resp.headers.get("retry-after")
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get("retry-after")
     if raw is None:
         return None
     try:
@@ -65,22 +76,22 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
-def classify_status(resp: httpx.Response, body_text: str) -> AttemptFailed:
-    status = resp.status_code
+def classify_status(status: int, headers: Mapping[str, str], body_text: str) -> AttemptFailed:
     reason = upstream_reason(body_text)
     if status == 429:
-        return AttemptFailed("rate_limited", f"429 from upstream: {reason}", status, _retry_after(resp))
+        return AttemptFailed("rate_limited", f"429 from upstream: {reason}", status, _retry_after(headers))
     if status in (400, 404, 409, 413, 422):
         return AttemptFailed("http_error", f"{status} from upstream: {reason}", status, client_fault=True)
     return AttemptFailed("http_error", f"{status} from upstream: {reason}", status)
 
 
-def classify_transport(exc: httpx.HTTPError, timeout_s: float) -> AttemptFailed:
-    if isinstance(exc, httpx.ConnectTimeout):
+def classify_transport(exc: BaseException, timeout_s: float) -> AttemptFailed:
+    """An exception from the HTTP client (aiohttp.ClientError or a timeout) → the outcome."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return AttemptFailed("connection_error", f"could not connect within {timeout_s:g} s")
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return AttemptFailed("timeout", f"no response in {timeout_s:g} s", upstream_may_bill=True)
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return AttemptFailed("connection_error", f"connection failed: {_short(str(exc)) or type(exc).__name__}")
     return AttemptFailed(
         "connection_error",
@@ -91,27 +102,40 @@ def classify_transport(exc: httpx.HTTPError, timeout_s: float) -> AttemptFailed:
 
 @dataclass
 class UpstreamPool:
-    """One keep-alive HTTP client per channel, made once, shared by every request."""
+    """One keep-alive HTTP client per channel, made once, shared by every request.
+
+    aiohttp, not httpx: measured against the simulator at 32 concurrent requests, httpx
+    (0.29, httpcore pool) spent about 2 ms of CPU per request in its connection pool, aiohttp
+    about 0.08 ms (bench/README.md).
+    """
 
     catalog: Catalog
-    clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+    sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    urls: dict[str, yarl.URL] = field(default_factory=dict)
 
-    def client(self, channel: Channel) -> httpx.AsyncClient:
-        client = self.clients.get(channel.id)
-        if client is None:
-            client = httpx.AsyncClient(
-                base_url=channel.base_url,
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
-                timeout=httpx.Timeout(channel.timeout_s),
-                follow_redirects=False,
+    def session(self, channel: Channel) -> aiohttp.ClientSession:
+        session = self.sessions.get(channel.id)
+        if session is None:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=MAX_CONNECTIONS_PER_CHANNEL, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_CACHE_S
+                ),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=channel.timeout_s, sock_read=channel.timeout_s),
+                auto_decompress=True,
+                read_bufsize=READ_BUFFER_BYTES,
+                cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are never sent back
             )
-            self.clients[channel.id] = client
-        return client
+            self.sessions[channel.id] = session
+            self.urls[channel.id] = yarl.URL(channel.base_url.rstrip("/") + "/chat/completions")
+        return session
+
+    def url(self, channel: Channel) -> yarl.URL:
+        return self.urls[channel.id]
 
     async def aclose(self) -> None:
-        for client in self.clients.values():
-            await client.aclose()
-        self.clients.clear()
+        for session in self.sessions.values():
+            await session.close()
+        self.sessions.clear()
 
 
 def _headers(channel: Channel, request_id: str, attempt: int) -> dict[str, str]:
@@ -122,63 +146,106 @@ def _headers(channel: Channel, request_id: str, attempt: int) -> dict[str, str]:
     return headers
 
 
+async def _read_bounded(resp: aiohttp.ClientResponse, limit_bytes: int) -> bytes | None:
+    """The whole body, or None when it is over `limit_bytes`."""
+    if resp.content_length is not None and resp.content_length > limit_bytes:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def post_json(
     pool: UpstreamPool, channel: Channel, body: dict[str, Any], request_id: str, attempt: int, timeout_s: float
 ) -> tuple[dict[str, Any], int]:
     """A non-streaming chat completion. Returns the parsed body and HTTP status, or raises
-    AttemptFailed."""
-    client = pool.client(channel)
+    AttemptFailed. `timeout_s` bounds the whole attempt (connect, send, wait, read)."""
+    session = pool.session(channel)
     try:
-        resp = await client.post(
-            "/chat/completions",
-            content=json.dumps(body, separators=(",", ":")).encode(),
+        async with session.post(
+            pool.url(channel),
+            data=json_bytes(body),
             headers=_headers(channel, request_id, attempt),
-            timeout=timeout_s,
-        )
-    except httpx.HTTPError as exc:
+            timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s),
+            allow_redirects=False,
+        ) as resp:
+            status = resp.status
+            raw = await _read_bounded(resp, MAX_RESPONSE_BYTES)
+            headers = resp.headers
+    except (aiohttp.ClientError, TimeoutError) as exc:
         raise classify_transport(exc, timeout_s) from exc
-    if resp.status_code != 200:
-        raise classify_status(resp, resp.text)
+    if raw is None:
+        raise AttemptFailed("bad_response", f"upstream answer over {MAX_RESPONSE_BYTES} bytes", status, upstream_may_bill=True)
+    if status != 200:
+        raise classify_status(status, headers, raw.decode(errors="replace"))
     try:
-        data = resp.json()
+        data = json.loads(raw)
     except ValueError as exc:
         raise AttemptFailed("bad_response", "upstream sent a body that is not JSON", 200, upstream_may_bill=True) from exc
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise AttemptFailed("bad_response", "upstream answer has no `choices`", 200, upstream_may_bill=True)
-    return data, resp.status_code
+    return data, status
 
 
-@dataclass
 class OpenStream:
     """An upstream SSE stream whose first event has arrived."""
 
-    response: httpx.Response
-    lines: AsyncIterator[str]
-    first: dict[str, Any] | None
+    def __init__(self, response: aiohttp.ClientResponse, lines: AsyncIterator[bytes], first: dict[str, Any] | None,
+                 timeout_s: float) -> None:
+        self.response = response
+        self.lines = lines
+        self.first = first
+        self.timeout_s = timeout_s
+        self.finished = False
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The remaining events; a transport failure mid-stream raises AttemptFailed."""
         if self.first is not None:
             first, self.first = self.first, None
             yield first
-        async for event in _sse_events(self.lines):
-            yield event
+        try:
+            async for event in _sse_events(self.lines):
+                yield event
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AttemptFailed(
+                "stream_error", f"stream broke: {type(exc).__name__}", 200, upstream_may_bill=True
+            ) from exc
+        self.finished = True
 
     async def aclose(self) -> None:
-        await self.response.aclose()
+        if self.finished:
+            self.response.release()  # read to the end: the connection goes back to the pool
+        else:
+            self.response.close()    # cancelled or broken: drop the connection, the upstream sees it
 
 
-class StreamDone(Exception):
-    """The upstream sent `data: [DONE]`."""
+async def _sse_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The response body split into lines (LF or CRLF), each at most MAX_SSE_LINE_BYTES."""
+    pending = b""
+    async for chunk in resp.content.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+        if len(pending) > MAX_SSE_LINE_BYTES:
+            raise AttemptFailed("bad_response", "upstream SSE event too large", 200, upstream_may_bill=True)
+    if pending:
+        yield pending
 
 
-async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+async def _sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     async for line in lines:
-        if not line.startswith("data:"):
+        if not line.startswith(b"data:"):
             continue
         if len(line) > MAX_SSE_LINE_BYTES:
             raise AttemptFailed("bad_response", "upstream SSE event too large", 200, upstream_may_bill=True)
         payload = line[5:].strip()
-        if payload == "[DONE]":
+        if payload == b"[DONE]":
             return
         try:
             event = json.loads(payload)
@@ -186,7 +253,8 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]
             raise AttemptFailed("bad_response", "upstream SSE event is not JSON", 200, upstream_may_bill=True) from exc
         if isinstance(event, dict) and "error" in event and "choices" not in event:
             raise AttemptFailed(
-                "stream_error", f"upstream stream error: {upstream_reason(payload)}", 200, upstream_may_bill=True
+                "stream_error", f"upstream stream error: {upstream_reason(payload.decode(errors='replace'))}", 200,
+                upstream_may_bill=True,
             )
         if isinstance(event, dict):
             yield event
@@ -195,37 +263,30 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]
 async def open_stream(
     pool: UpstreamPool, channel: Channel, body: dict[str, Any], request_id: str, attempt: int, timeout_s: float
 ) -> OpenStream:
-    """Start a streaming completion and wait for its first event; raises AttemptFailed."""
-    client = pool.client(channel)
-    request = client.build_request(
-        "POST",
-        "/chat/completions",
-        content=json.dumps(body, separators=(",", ":")).encode(),
-        headers=_headers(channel, request_id, attempt),
-        timeout=timeout_s,
-    )
+    """Start a streaming completion and wait for its first event; raises AttemptFailed.
+    `timeout_s` bounds the wait for the first event, then each wait for the next bytes."""
+    session = pool.session(channel)
     try:
-        resp = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        async with asyncio.timeout(timeout_s):
+            resp = await session.post(
+                pool.url(channel),
+                data=json_bytes(body),
+                headers=_headers(channel, request_id, attempt),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
+                allow_redirects=False,
+            )
+            try:
+                if resp.status != 200:
+                    raw = await _read_bounded(resp, MAX_ERROR_BODY_BYTES)
+                    raise classify_status(resp.status, resp.headers, (raw or b"").decode(errors="replace"))
+                lines = _sse_lines(resp)
+                first = None
+                async for event in _sse_events(lines):
+                    first = event
+                    break
+            except BaseException:
+                resp.close()
+                raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
         raise classify_transport(exc, timeout_s) from exc
-    if resp.status_code != 200:
-        try:
-            text = (await resp.aread()).decode(errors="replace")
-        except httpx.HTTPError:
-            text = ""
-        finally:
-            await resp.aclose()
-        raise classify_status(resp, text)
-    lines = resp.aiter_lines()
-    try:
-        first = None
-        async for event in _sse_events(lines):
-            first = event
-            break
-    except httpx.HTTPError as exc:
-        await resp.aclose()
-        raise classify_transport(exc, timeout_s) from exc
-    except AttemptFailed:
-        await resp.aclose()
-        raise
-    return OpenStream(resp, lines, first)
+    return OpenStream(resp, lines, first, timeout_s)
