@@ -67,6 +67,14 @@ class Result:
     pairs: int
     seconds: float
     latencies_ms: list[float]
+    cpu_s: dict[str, float] | None = None  # CPU seconds used, per component
+
+    def cpu_ms_per_pair(self) -> str:
+        if not self.cpu_s or not self.pairs:
+            return ""
+        parts = [f"{name} {secs * 1000 / self.pairs:.2f}" for name, secs in self.cpu_s.items()]
+        total = sum(self.cpu_s.values()) * 1000 / self.pairs
+        return f"CPU ms/pair: {', '.join(parts)}, total {total:.2f} (2 idle cores would allow {2000 / total:.0f} pairs/s)"
 
     @property
     def rate(self) -> float:
@@ -76,6 +84,49 @@ class Result:
         if not self.latencies_ms:
             return float("nan")
         return statistics.quantiles(self.latencies_ms, n=100)[int(q) - 1]
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (Linux /proc)."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def children_cpu_s(parent_pid: int) -> float:
+    """CPU seconds of the live children of `parent_pid` (PostgreSQL backends of one server)."""
+    total = 0.0
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent_pid:
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
+
+
+class CpuMeter:
+    """CPU used by the ledger process and the PostgreSQL server (if we know its pid)."""
+
+    def __init__(self, ledger_pid: int | None, postmaster_pid: int | None) -> None:
+        self.ledger_pid = ledger_pid
+        self.postmaster_pid = postmaster_pid
+
+    def read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.ledger_pid:
+            out["ledger"] = proc_cpu_s(self.ledger_pid)
+        if self.postmaster_pid:
+            out["postgres"] = proc_cpu_s(self.postmaster_pid) + children_cpu_s(self.postmaster_pid)
+        return out
 
 
 def free_port() -> int:
@@ -125,27 +176,35 @@ def _grpc_proc(addr: str, keys: list[str], clients: int, seconds: float, offset:
         uvloop.install()
     except ImportError:
         pass
-    out.put(asyncio.run(_grpc_clients(addr, keys, clients, seconds, offset)))
+    import resource
+
+    pairs, lat = asyncio.run(_grpc_clients(addr, keys, clients, seconds, offset))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.put((pairs, lat, usage.ru_utime + usage.ru_stime))
 
 
-def run_grpc(addr: str, keys: list[str], clients: int, seconds: float, procs: int) -> Result:
+def run_grpc(addr: str, keys: list[str], clients: int, seconds: float, procs: int, meter: CpuMeter | None = None) -> Result:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     workers = [
         ctx.Process(target=_grpc_proc, args=(addr, keys, n, seconds, sum(per[:i]), out)) for i, n in enumerate(per)
     ]
+    before = meter.read() if meter else {}
     t0 = time.perf_counter()
     for w in workers:
         w.start()
     results = [out.get(timeout=seconds + 120) for _ in workers]
     elapsed = time.perf_counter() - t0
+    after = meter.read() if meter else {}
     for w in workers:
         w.join(30)
     pairs = sum(r[0] for r in results)
     lat = [x for r in results for x in r[1]]
+    cpu = {name: after[name] - before[name] for name in after}
+    cpu["client"] = sum(r[2] for r in results)
     # time of the measured loops, not of process start-up
-    return Result(pairs, min(elapsed, seconds + 0.5), lat)
+    return Result(pairs, min(elapsed, seconds + 0.5), lat, cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +240,11 @@ def noop_server(addr: str) -> None:
 # the same work straight through asyncpg, one statement per commit
 
 
-async def run_direct(url: str, accounts: list[str], clients: int, seconds: float) -> Result:
+async def run_direct(url: str, accounts: list[str], clients: int, seconds: float, meter: CpuMeter | None = None) -> Result:
+    import resource
+
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    before = meter.read() if meter else {}
     pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
     assert pool is not None
     latencies: list[float] = []
@@ -213,8 +276,12 @@ async def run_direct(url: str, accounts: list[str], clients: int, seconds: float
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     elapsed = time.perf_counter() - t0
+    after = meter.read() if meter else {}
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
     await pool.close()
-    return Result(pairs, elapsed, latencies)
+    cpu = {name: after[name] - before[name] for name in after if name != "ledger"}
+    cpu["client"] = usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
+    return Result(pairs, elapsed, latencies, cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +372,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--accounts", type=int, default=1000)
     ap.add_argument("--procs", type=int, default=1, help="client processes for the gRPC runs")
-    ap.add_argument("--writers", type=int, default=4, help="TF_LEDGER_WRITERS for the ledger")
+    ap.add_argument("--writers", type=int, default=2, help="TF_LEDGER_WRITERS for the ledger")
+    ap.add_argument("--cases", default="hot,spread,noop", help="which cases to run (default: all)")
     ap.add_argument("--noop-server", metavar="ADDR", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.noop_server:
@@ -323,7 +391,7 @@ def main() -> int:
     dbname, url = asyncio.run(make_database(server_url))
     addr = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, TF_DATABASE_URL=url, TF_LEDGER_ADDR=addr, TF_LEDGER_WRITERS=str(ns.writers))
-    log_path = pathlib.Path(tmp.name) / "ledger.log"
+    log_path = pathlib.Path(os.environ.get("TF_BENCH_LEDGER_LOG", pathlib.Path(tmp.name) / "ledger.log"))
     script = pathlib.Path(sys.executable).parent / "tokenforge"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenforge.cli"]
     with log_path.open("wb") as log:
@@ -334,32 +402,45 @@ def main() -> int:
         spread_keys = asyncio.run(seed(addr, ns.accounts))
         hot_direct = asyncio.run(seed_direct(url, 1))
         spread_direct = asyncio.run(seed_direct(url, ns.accounts))
+        postmaster_pid = None
+        if pg is not None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                postmaster_pid = int((pathlib.Path(tmp.name) / "pg" / "postmaster.pid").read_text().split()[0])
+        meter = CpuMeter(ledger.pid, postmaster_pid)
         print(f"ledger bench: {ns.clients} concurrent clients, {ns.seconds:.0f} s per case, "
-              f"{os.cpu_count()} cores, writers={ns.writers}, client procs={ns.procs}")
+              f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} before), "
+              f"writers={ns.writers}, client procs={ns.procs}")
         rows = []
-        for label, keys, direct_ids in (
-            ("hot account ", hot_keys, hot_direct),
-            (f"{ns.accounts} accounts", spread_keys, spread_direct),
+        cases = set(ns.cases.split(","))
+        for case, label, keys, direct_ids in (
+            ("hot", "hot account ", hot_keys, hot_direct),
+            ("spread", f"{ns.accounts} accounts", spread_keys, spread_direct),
         ):
-            g = run_grpc(addr, keys, ns.clients, ns.seconds, ns.procs)
-            d = asyncio.run(run_direct(url, direct_ids, ns.clients, ns.seconds))
+            if case not in cases:
+                continue
+            g = run_grpc(addr, keys, ns.clients, ns.seconds, ns.procs, meter)
+            d = asyncio.run(run_direct(url, direct_ids, ns.clients, ns.seconds, meter))
             rows.append((label, g, d))
             print(f"{label:14s} ledger gRPC  {fmt(g)}")
+            print(f"{'':14s}   {g.cpu_ms_per_pair()}")
             print(f"{'':14s} asyncpg 1/commit {fmt(d)}")
+            print(f"{'':14s}   {d.cpu_ms_per_pair()}")
             print(f"{'':14s} ratio ledger/direct: throughput x{g.rate / d.rate:.2f}, "
                   f"p50 x{g.pct(50) / d.pct(50):.2f}, p99 x{g.pct(99) / d.pct(99):.2f}")
-        noop_addr = f"127.0.0.1:{free_port()}"
-        noop = subprocess.Popen([sys.executable, __file__, "--noop-server", noop_addr])
-        try:
-            asyncio.run(wait_ready_plain(noop_addr))
-            n = run_grpc(noop_addr, hot_keys, ns.clients, ns.seconds, ns.procs)
-        finally:
-            noop.kill()
-            noop.wait(10)
-        print(f"{'gRPC ceiling':14s} no-op server {fmt(n)}")
-        print(f"{'':14s} (the same two calls per pair against a server that does nothing: what Python")
-        print(f"{'':14s}  gRPC alone allows on this machine; ledger/ceiling: hot x{rows[0][1].rate / n.rate:.2f}, "
-              f"spread x{rows[1][1].rate / n.rate:.2f})")
+        if "noop" in cases:
+            noop_addr = f"127.0.0.1:{free_port()}"
+            noop = subprocess.Popen([sys.executable, __file__, "--noop-server", noop_addr])
+            try:
+                asyncio.run(wait_ready_plain(noop_addr))
+                n = run_grpc(noop_addr, hot_keys, ns.clients, ns.seconds, ns.procs, CpuMeter(noop.pid, None))
+            finally:
+                noop.kill()
+                noop.wait(10)
+            print(f"{'gRPC ceiling':14s} no-op server {fmt(n)}")
+            print(f"{'':14s}   {n.cpu_ms_per_pair()}")
+            print(f"{'':14s} (the same two calls per pair against a server that does nothing: what Python")
+            print(f"{'':14s}  gRPC alone allows on this machine; ledger/ceiling: "
+                  + ", ".join(f"{label.strip()} x{g.rate / n.rate:.2f}" for label, g, _ in rows) + ")")
         audit = asyncio.run(_audit(addr))
         print(f"audit after the run: {'ok' if audit.ok else list(audit.problems)}")
     finally:

@@ -605,8 +605,12 @@ class Book:
         else:
             row.held_nano += op.amount_nano
             key.held[op.bucket] += op.amount_nano
-            key.dirty = True
             self._move("hold", row, CUSTOMER, HOLDS, op.amount_nano, key_id=key.id, ref=hold.id)
+        # Written back even when unchanged: the store's write is conditional on these rows being
+        # as read, so a key revoked (or a run closed) meanwhile undoes and retries the batch.
+        key.dirty = True
+        if run is not None:
+            run.dirty = True
         self.holds[(op.request_id, op.bucket)] = hold
         return HoldResult(hold.id, hold.amount_nano, hold.expires_at, replayed=False)
 

@@ -39,12 +39,14 @@ from tokenforge.ledger.core import (
     TopUpResult,
     rfc3339,
 )
-from tokenforge.ledger.writer import WriterGroup
+from tokenforge.ledger.writer import ThreadedWriterGroup, WriterGroup
 from tokenforge.money import Bucket
 from tokenforge.rpc import install_uvloop, rpc_method, serve
 from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("tokenforge.ledger")
+
+Writers = WriterGroup | ThreadedWriterGroup
 
 SECRET_PREFIX = "sk-tf-"
 SECRET_DISPLAY_CHARS = 10
@@ -151,7 +153,7 @@ def _json_object(raw: bytes, param: str, max_bytes: int) -> dict[str, Any]:
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, writers: WriterGroup, policy: Policy) -> None:
+    def __init__(self, pool: asyncpg.Pool, writers: Writers, policy: Policy) -> None:
         self._pool = pool
         self._writers = writers
         self._policy = policy
@@ -548,7 +550,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 # The reaper: expired holds and runs are released through the writers like any movement.
 
 
-async def reap_once(pool: asyncpg.Pool, writers: WriterGroup, now: dt.datetime) -> int:
+async def reap_once(pool: asyncpg.Pool, writers: Writers, now: dt.datetime) -> int:
     async with pool.acquire() as conn:
         holds = await store.expired_holds(conn, now, REAP_BATCH)
         runs = await store.expired_runs(conn, now, REAP_BATCH)
@@ -563,8 +565,28 @@ async def reap_once(pool: asyncpg.Pool, writers: WriterGroup, now: dt.datetime) 
     return len(ops)
 
 
-async def reaper(pool: asyncpg.Pool, writers: WriterGroup, interval_s: float, stop: asyncio.Event) -> None:
+STATS_EVERY_S = 10.0
+
+
+async def reaper(pool: asyncpg.Pool, writers: Writers, interval_s: float, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    next_stats = loop.time() + STATS_EVERY_S
+    last = (0, 0, 0.0)
     while not stop.is_set():
+        if loop.time() >= next_stats:
+            next_stats = loop.time() + STATS_EVERY_S
+            batches = sum(w.stats.batches for w in writers.writers)
+            ops = sum(w.stats.ops for w in writers.writers)
+            busy_s = sum(w.stats.busy_s for w in writers.writers)
+            if ops > last[1]:
+                n_batches = max(batches - last[0], 1)
+                log.info(
+                    "group commit: %d operations in %d transactions (%.1f per commit, %.1f ms per "
+                    "transaction) in the last %.0f s",
+                    ops - last[1], batches - last[0], (ops - last[1]) / n_batches,
+                    (busy_s - last[2]) * 1000 / n_batches, STATS_EVERY_S,
+                )
+            last = (batches, ops, busy_s)
         try:
             n = await reap_once(pool, writers, dt.datetime.now(dt.UTC))
             if n:
@@ -588,7 +610,7 @@ def _env_number(name: str, default: float) -> float:
 
 
 async def _main(settings: Settings) -> int:
-    n_writers = int(_env_number("TF_LEDGER_WRITERS", 4))
+    n_writers = int(_env_number("TF_LEDGER_WRITERS", 2))
     reap_interval_s = _env_number("TF_LEDGER_REAP_INTERVAL_S", 1.0)
     policy = Policy(
         hold_ttl_s=settings.hold_ttl_s,
@@ -607,12 +629,16 @@ async def _main(settings: Settings) -> int:
     finally:
         await conn.close()
 
-    # One connection per writer plus the read side's pool.
-    pool = await store.create_pool(
-        settings.database_url, min_size=2, max_size=max(settings.db_pool_size, 2) + n_writers
-    )
-    writers = WriterGroup(pool, policy, n_writers)
-    writers.start()
+    pool = await store.create_pool(settings.database_url, min_size=2, max_size=max(settings.db_pool_size, 2))
+    writers: Writers
+    if _env_number("TF_LEDGER_WRITER_THREAD", 0):
+        # the writers have a connection each, on their own thread and loop
+        writers = ThreadedWriterGroup(settings.database_url, policy, n_writers)
+        await writers.start()
+    else:
+        writer_pool = await store.create_pool(settings.database_url, min_size=n_writers, max_size=n_writers, writer=True)
+        writers = WriterGroup(writer_pool, policy, n_writers)
+        writers.start()
     stop_reaper = asyncio.Event()
     reaper_task = asyncio.create_task(reaper(pool, writers, reap_interval_s, stop_reaper))
     servicer = LedgerServicer(pool, writers, policy)
@@ -625,6 +651,8 @@ async def _main(settings: Settings) -> int:
         stop_reaper.set()
         await reaper_task
         await writers.stop()
+        if isinstance(writers, WriterGroup):
+            await writers.pool.close()
         await pool.close()
 
     await serve(name="ledger", bind=settings.ledger_addr, register=register, on_stop=on_stop)
@@ -640,4 +668,8 @@ def run(settings: Settings) -> int:
         )
         return 2
     install_uvloop()
+    if _env_number("TF_LEDGER_WRITER_THREAD", 0):
+        # The writers' thread wakes on every database reply; do not let it wait the default
+        # 5 ms for the GIL while the gRPC thread is busy.
+        sys.setswitchinterval(_env_number("TF_LEDGER_SWITCH_INTERVAL_S", 0.0005))
     return asyncio.run(_main(settings))
