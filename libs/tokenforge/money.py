@@ -11,12 +11,14 @@ never smaller than the cost it covers.
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import StrEnum
 
 NANO_PER_UNIT = 1_000_000_000
 TOKENS_PER_PRICE = 1_000_000
 _NANO = Decimal(1) / NANO_PER_UNIT
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
 
 
 class Bucket(StrEnum):
@@ -62,8 +64,15 @@ def parse_amount_nano(text: object, *, allow_zero: bool = True, max_decimals: in
     """Parse a decimal string ("0.000125") into nano-units. Floats are refused on purpose."""
     if isinstance(text, bool) or not isinstance(text, str | int):
         raise MoneyError("must be a decimal string such as \"10.00\"")
+    raw = str(text)
+    # Only plain ASCII digits with an optional fraction: no signs, exponents, underscores,
+    # spaces or other scripts' digits, all of which Decimal() would quietly accept.
+    if not _PLAIN_DECIMAL.fullmatch(raw):
+        if raw.lstrip().startswith("-") and _PLAIN_DECIMAL.fullmatch(raw.strip()[1:]):
+            raise MoneyError(f"{text!r} is negative")
+        raise MoneyError(f"{text!r} is not a plain decimal number such as \"10.00\"")
     try:
-        value = Decimal(str(text).strip())
+        value = Decimal(raw)
     except InvalidOperation as exc:
         raise MoneyError(f"{text!r} is not a decimal number") from exc
     if not value.is_finite():

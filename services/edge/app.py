@@ -3,6 +3,7 @@ ledger. Thin: it translates shapes and errors, and holds no business rules."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -75,8 +76,8 @@ class Edge:
     async def read_json(self, request: Request) -> dict[str, Any]:
         raw = await self.read_body(request)
         try:
-            body = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(raw, parse_constant=_no_constant) if raw else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise shapes.invalid("We could not parse the JSON body of your request. Send valid JSON.", None) from None
         return shapes.require_object(body)
 
@@ -122,18 +123,19 @@ class Edge:
                 body_json=body,
                 run_id=self._header(request, "x-tf-run-id"),
                 run_step=self._header(request, "x-tf-run-step"),
-                request_id=self._header(request, "idempotency-key"),
             )
             trace_id = format(span.get_span_context().trace_id, "032x")
             if _wants_stream(body):
-                return await self._stream(message, auth, trace_id)
+                return await self._stream(request, message, auth, trace_id)
             carrier: dict[str, str] = {}
             inject(carrier)
             call = self.router.ChatCompletion(message, metadata=(*carrier.items(), *auth))
             try:
-                resp = await call
+                resp = await _unless_client_leaves(request, call, call)
             except grpc.aio.AioRpcError as exc:
                 return error_response(from_rpc_error(exc))
+            except ClientGone:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             s = resp.settlement
             headers = {
                 "x-tf-receipt-id": s.receipt_id,
@@ -144,15 +146,18 @@ class Edge:
             }
             return Response(resp.body_json, media_type="application/json", headers=headers)
 
-    async def _stream(self, message: router_pb2.ChatCompletionRequest, auth: tuple[tuple[str, str], ...], trace_id: str) -> Response:
+    async def _stream(self, request: Request, message: router_pb2.ChatCompletionRequest,
+                      auth: tuple[tuple[str, str], ...], trace_id: str) -> Response:
         carrier: dict[str, str] = {}
         inject(carrier)
         call = self.router.StreamChatCompletion(message, metadata=(*carrier.items(), *auth))
         iterator = call.__aiter__()
         try:
-            first = await iterator.__anext__()
+            first = await _unless_client_leaves(request, call, iterator.__anext__())
         except grpc.aio.AioRpcError as exc:
             return error_response(from_rpc_error(exc))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except StopAsyncIteration:
             return error_response(TFError("internal_error", "The router ended the stream without an answer."))
         initial = dict(await call.initial_metadata() or ())
@@ -331,13 +336,42 @@ class Edge:
         return _json({"object": "list", "data": entries, "has_more": resp.has_more, "last_id": resp.last_id or None})
 
 
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer was ready."""
+
+
+async def _until_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, call: grpc.aio.Call, awaitable: Any) -> Any:
+    """Await `awaitable`; if the client disconnects first, cancel the router call (which
+    cancels the upstream, starts no retry and settles a `cancelled` receipt)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    call.cancel()
+    task.cancel()
+    raise ClientGone
+
+
 def _wants_stream(body: bytes) -> bool:
     """Peek at `stream` without validating: the router validates the whole body."""
     if b'"stream"' not in body:
         return False
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(parsed, dict) and parsed.get("stream") is True
 
@@ -395,3 +429,7 @@ def build_app(edge: Edge) -> Starlette:
         Route("/admin/v1/audit", wrap(edge.audit), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

@@ -74,12 +74,14 @@ def name_field(body: dict[str, Any], field: str = "name", required: bool = True)
         raise invalid(f"`{field}` is required and must be a non-empty string.", field)
     if len(value) > MAX_NAME_CHARS:
         raise invalid(f"`{field}` may be at most {MAX_NAME_CHARS} characters.", field)
+    if not value.isprintable():
+        raise invalid(f"`{field}` must be printable text (no control characters).", field)
     return value.strip()
 
 
 def amount_field(value: Any, param: str, *, allow_zero: bool = False) -> int:
-    if isinstance(value, float):
-        raise invalid(f"`{param}` must be a decimal string such as \"10.00\", not a JSON number.", param)
+    if not isinstance(value, str):
+        raise invalid(f"`{param}` must be a decimal string such as \"10.00\" (not a JSON number).", param)
     try:
         return parse_amount_nano(value, allow_zero=allow_zero)
     except MoneyError as exc:

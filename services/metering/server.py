@@ -58,6 +58,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self.book.entry(request.model, request.channel_id)  # fail before counting
         prompt = _prompt_tokens(request.messages_json or b"[]", model.encoding)
         q = core.quote(self.book, request.model, request.channel_id, prompt, request.max_tokens)
+        for other in request.cover_channel_ids:
+            c = core.quote(self.book, request.model, other, prompt, request.max_tokens)
+            if c.bucket is not q.bucket:
+                raise TFError("invalid_request", f"channel `{other}` is paid from another bucket; a hold covers one bucket.",
+                              "cover_channel_ids")
+            if c.amount_nano > q.amount_nano:
+                q = core.Quote(c.amount_nano, q.bucket, q.prompt_tokens, q.max_output_tokens)
         return metering_pb2.QuoteResponse(
             amount_nano=q.amount_nano,
             bucket=q.bucket.to_pb(),

@@ -36,6 +36,9 @@ class Backends:
         try:
             return await method(request, metadata=trace_metadata(ctx), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                # Our own service did not answer: that is not an upstream timeout.
+                raise TFError("unavailable", "A tokenforge service did not answer in time; try again.") from None
             raise from_rpc_error(exc) from None
 
     async def aclose(self) -> None:

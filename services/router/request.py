@@ -12,6 +12,8 @@ from typing import Any
 
 from tokenforge.errors import TFError
 
+MAX_TOKENS_FIELD = 2**31 - 1
+PROMPT_SCHEMA_FIELDS = ("tools", "functions", "response_format")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_MESSAGES = 10_000
 MAX_N = 8
@@ -22,6 +24,7 @@ class ChatRequest:
     model: str
     body: dict[str, Any]          # the client's body, untouched
     messages_json: bytes          # `messages` re-encoded, for token counting
+    quote_json: bytes             # what the hold prices as prompt: messages plus tool/format schemas
     max_tokens: int | None        # max_completion_tokens or max_tokens, if the client set one
     max_tokens_field: str         # which of the two the client used (or max_tokens by default)
     n: int
@@ -35,11 +38,13 @@ def _invalid(message: str, param: str | None) -> TFError:
 
 def parse_chat_request(raw: bytes, *, streaming_call: bool | None = None) -> ChatRequest:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _invalid(
             f"We could not parse the JSON body of your request ({exc}). Send valid JSON.", None
         ) from exc
+    except RecursionError:
+        raise _invalid("The JSON body is nested too deeply.", None) from None
     if not isinstance(body, dict):
         raise _invalid("The request body must be a JSON object.", None)
 
@@ -83,8 +88,8 @@ def parse_chat_request(raw: bytes, *, streaming_call: bool | None = None) -> Cha
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise _invalid(f"`{name}` must be an integer.", name)
-        if value < 1:
-            raise _invalid(f"`{name}` must be at least 1, got {value}.", name)
+        if not 1 <= value <= MAX_TOKENS_FIELD:
+            raise _invalid(f"`{name}` must be from 1 to the model's output limit, got {value}.", name)
         if max_tokens is None:
             max_tokens, field = value, name
 
@@ -117,10 +122,19 @@ def parse_chat_request(raw: bytes, *, streaming_call: bool | None = None) -> Cha
             )
         include_usage = flag
 
+    messages_json = json.dumps(messages, separators=(",", ":")).encode()
+    quote_json = messages_json
+    schemas = {k: body[k] for k in PROMPT_SCHEMA_FIELDS if body.get(k) is not None}
+    if schemas:
+        # Tool and format schemas are prompt tokens upstream too: the hold counts them as
+        # one more system message, so a large schema cannot ride on a small hold.
+        extra = {"role": "system", "content": json.dumps(schemas, separators=(",", ":"))}
+        quote_json = json.dumps([*messages, extra], separators=(",", ":")).encode()
     return ChatRequest(
         model=model,
         body=body,
-        messages_json=json.dumps(messages, separators=(",", ":")).encode(),
+        messages_json=messages_json,
+        quote_json=quote_json,
         max_tokens=max_tokens,
         max_tokens_field=field,
         n=n,
@@ -141,3 +155,7 @@ def upstream_body(req: ChatRequest, upstream_model: str, max_output_tokens: int)
         options["include_usage"] = True
         body["stream_options"] = options
     return body
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

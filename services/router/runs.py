@@ -43,12 +43,12 @@ def _count(value: Any, param: str, minimum: int, maximum: int) -> int:
 def parse_run_request(raw: bytes) -> RunRequest:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _invalid("We could not parse the JSON body of your request. Send valid JSON.", None) from None
     if not isinstance(body, dict):
         raise _invalid("The request body must be a JSON object.", None)
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable():
         raise _invalid(f"`name` is required: a string of 1 to {MAX_NAME_CHARS} characters.", "name")
 
     budgets = {"wallet": 0, "credit": 0}
@@ -62,8 +62,8 @@ def parse_run_request(raw: bytes) -> RunRequest:
                 raise _invalid("`budget` may name `wallet` and `credit` only.", param)
             if value is None:
                 continue
-            if isinstance(value, float):
-                raise _invalid(f'`{param}` must be a decimal string such as "5.00".', param)
+            if not isinstance(value, str):
+                raise _invalid(f'`{param}` must be a decimal string such as "5.00" (not a JSON number).', param)
             try:
                 budgets[bucket] = parse_amount_nano(value, allow_zero=False)
             except MoneyError as exc:
@@ -82,7 +82,7 @@ def parse_run_request(raw: bytes) -> RunRequest:
             if not isinstance(model, str) or not model:
                 raise _invalid(f"`{where}.model` is required.", f"{where}.model")
             step = item.get("step", "")
-            if not isinstance(step, str):
+            if not isinstance(step, str) or len(step) > MAX_NAME_CHARS or not step.isprintable():
                 raise _invalid(f"`{where}.step` must be a string.", f"{where}.step")
             steps.append(metering_pb2.PlanStep(
                 model=model,

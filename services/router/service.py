@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from tokenforge.catalog import Catalog
 from tokenforge.errors import TFError
@@ -43,6 +49,16 @@ RETRY_AFTER_CAP_S = 10.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_CAP_S = 1.0
 REFUSAL_CODES = frozenset({"insufficient_balance", "key_budget_exceeded", "run_budget_exceeded"})
+HOLD_MARGIN_S = 60
+MAX_RUN_FIELD_CHARS = 200
+SETTLE_TRIES = 4
+
+
+def check_run_fields(run_id: str, run_step: str) -> None:
+    for name, value in (("run_id", run_id), ("run_step", run_step)):
+        if len(value) > MAX_RUN_FIELD_CHARS or not value.isprintable():
+            raise TFError("invalid_request", f"`{name}` must be printable text of at most {MAX_RUN_FIELD_CHARS} "
+                          "characters (headers X-TF-Run-Id, X-TF-Run-Step).", name)
 
 
 @dataclass
@@ -134,6 +150,10 @@ class Router:
     ) -> Ticket:
         eligible = eligible_channels(self.catalog, req.model, key.route_policy, key.allowed_models)
         model = self.catalog.models[req.model]
+        if req.max_tokens is not None and req.max_tokens > model.max_output_tokens:
+            raise TFError("invalid_request", f"`{req.max_tokens_field}` may be at most {model.max_output_tokens} "
+                          f"for `{req.model}`, got {req.max_tokens}.", req.max_tokens_field)
+        check_run_fields(pb.run_id, pb.run_step)
         span = self.tracer.start_span(
             f"chat {req.model}",
             context=parent,
@@ -148,8 +168,6 @@ class Router:
         )
         ctx = trace.set_span_in_context(span, parent)
         request_id = f"req_{uuid.uuid4().hex}"
-        if pb.request_id:
-            request_id = f"{key.id}:{pb.request_id}"[:200]
         span.set_attribute("tf.request_id", request_id)
         if pb.run_id:
             span.set_attribute("tf.run_id", pb.run_id)
@@ -180,13 +198,18 @@ class Router:
     async def _hold(self, t: Ticket, el: Eligible) -> None:
         """Quote `el`'s worst case and hold it in `el`'s bucket."""
         channel = el.channel.channel
+        # The hold also covers every later channel of the same bucket, so a fallback to a
+        # pricier backup never costs more than was held.
+        later = t.eligible[t.eligible.index(el) + 1:]
+        cover = [e.channel.channel.id for e in later if e.channel.channel.bucket is channel.bucket]
         quote = await self.backends.call(
             self.backends.metering.Quote,
             metering_pb2.QuoteRequest(
                 model=t.req.model,
                 channel_id=channel.id,
-                messages_json=t.req.messages_json,
+                messages_json=t.req.quote_json,
                 max_tokens=t.max_output_per_choice * t.req.n,
+                cover_channel_ids=cover,
             ),
             t.ctx,
         )
@@ -199,12 +222,12 @@ class Router:
                 bucket=channel.bucket.to_pb(),
                 amount_nano=quote.amount_nano,
                 run_id=t.run_id,
+                # Outlives the request's deadline; after a crash the reaper frees it soon after.
+                ttl_s=int(self.request_deadline_s) + HOLD_MARGIN_S,
             ),
             t.ctx,
         )
-        if held.replayed:
-            # The caller reused a request id (Idempotency-Key): never run or charge it twice.
-            raise TFError("conflict", "This request id (Idempotency-Key) was already used; send a new one to make a new request.")
+        assert not held.replayed, "request ids are fresh per request"
         t.holds[channel.bucket] = quote.amount_nano
 
     async def _record_refusal(self, t: Ticket, code: str) -> None:
@@ -420,21 +443,28 @@ class Router:
     async def _settle(self, t: Ticket, status: str, done: Done | None) -> router_pb2.Settlement:
         draft = self._receipt_draft(t, status, done)
         bucket = done.rated.bucket if done else None
-        resp = await self.backends.call(
-            self.backends.ledger.Settle,
-            ledger_pb2.SettleRequest(
-                request_id=t.request_id,
-                key_id=t.key.id,
-                bucket=bucket.to_pb() if bucket else common_pb2.BUCKET_UNSPECIFIED,
-                rated_nano=done.rated.amount_nano if done else 0,
-                status=status,
-                receipt_json=json.dumps(draft, separators=(",", ":")).encode(),
-                run_id=t.run_id,
-                run_step=t.run_step,
-                receipt_id=t.receipt_id,
-            ),
-            t.ctx,
+        request = ledger_pb2.SettleRequest(
+            request_id=t.request_id,
+            key_id=t.key.id,
+            bucket=bucket.to_pb() if bucket else common_pb2.BUCKET_UNSPECIFIED,
+            rated_nano=done.rated.amount_nano if done else 0,
+            status=status,
+            receipt_json=json.dumps(draft, separators=(",", ":")).encode(),
+            run_id=t.run_id,
+            run_step=t.run_step,
+            receipt_id=t.receipt_id,
         )
+        # Settle is idempotent by request id: when the ledger is briefly unreachable or slow,
+        # asking again can only return the first result, never charge twice.
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(SETTLE_TRIES),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            retry=retry_if_exception(lambda e: isinstance(e, TFError) and e.code == "unavailable"),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                resp = await self.backends.call(self.backends.ledger.Settle, request, t.ctx)
         t.span.set_attribute("tf.receipt_id", resp.receipt_id)
         t.span.set_attribute("tf.status", status)
         return router_pb2.Settlement(
@@ -559,6 +589,9 @@ class Router:
                 chunk = state.take(event, t.req)
                 if chunk is not None:
                     yield router_pb2.ChatCompletionChunk(chunk_json=chunk)
+                if self._remaining_s(t) <= 0:
+                    state.broken = f"the stream passed the request deadline of {self.request_deadline_s:g} s"
+                    break
         except AttemptFailed as exc:
             state.broken = exc.error
         except BaseException:

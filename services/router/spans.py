@@ -19,6 +19,13 @@ from tokenforge.router.upstream import AttemptFailed
 from tokenforge.telemetry import ATTEMPT_SPAN_MARK, hex_span_id
 
 MAY_BILL_OUTCOMES = frozenset({"success", "timeout", "cancelled", "stream_error"})
+MAX_TEXT_CHARS = 300
+
+
+def clean(text: str) -> str:
+    """Text from an upstream, safe for a span and a receipt: no control characters, bounded."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text[: MAX_TEXT_CHARS * 2])
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
 
 
 def attempt_attributes(el: Eligible, n: int, resend_count: int, key_id: str) -> dict[str, Any]:
@@ -45,13 +52,13 @@ def attempt_attributes(el: Eligible, n: int, resend_count: int, key_id: str) -> 
 def record_failure(span: Span, failure: AttemptFailed) -> None:
     span.set_attribute("tf.outcome", failure.outcome)
     span.set_attribute("error.type", failure.outcome)
-    span.set_attribute("tf.error", failure.error)
+    span.set_attribute("tf.error", clean(failure.error))
     span.set_attribute("tf.upstream_may_bill", failure.upstream_may_bill)
     span.set_attribute("tf.charged", "0")
     if failure.http_status is not None:
         span.set_attribute("http.response.status_code", failure.http_status)
     if failure.response_model:
-        span.set_attribute("gen_ai.response.model", failure.response_model)
+        span.set_attribute("gen_ai.response.model", clean(failure.response_model))
     if failure.usage:
         _set_usage(span, failure.usage, "upstream")
     span.set_status(Status(StatusCode.ERROR, failure.outcome))
@@ -74,11 +81,11 @@ def record_success(
     if http_status is not None:
         span.set_attribute("http.response.status_code", http_status)
     if response_model:
-        span.set_attribute("gen_ai.response.model", response_model)
+        span.set_attribute("gen_ai.response.model", clean(response_model))
     if usage is not None:
         _set_usage(span, usage, usage_source)
     if error:
-        span.set_attribute("tf.error", error)
+        span.set_attribute("tf.error", clean(error))
         span.set_attribute("error.type", outcome)
         span.set_status(Status(StatusCode.ERROR, outcome))
 

@@ -25,7 +25,8 @@ def test_parse_and_format_round_trip() -> None:
     assert format_nano(-720_000) == "-0.000720"
 
 
-@pytest.mark.parametrize("bad", ["-1", "abc", "1e400", "NaN", "0.0000000001", 1.5, True, None])
+@pytest.mark.parametrize("bad", ["-1", "abc", "1e400", "NaN", "0.0000000001", 1.5, True, None,
+                                 "1_000", "1e2", "+1", " 1", "١", ".5", "5.", "-0.5", ""])
 def test_parse_refuses_what_is_not_exact_money(bad: object) -> None:
     with pytest.raises(MoneyError):
         parse_amount_nano(bad)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenforge.v1 import common_pb2 as tokenforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenforge/v1/metering.proto\x12\rtokenforge.v1\x1a\x1atokenforge/v1/common.proto\"\\\n\x0cQuoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x15\n\rmessages_json\x18\x03 \x01(\x0c\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\"}\n\rQuoteResponse\x12\x13\n\x0b\x61mount_nano\x18\x01 \x01(\x03\x12%\n\x06\x62ucket\x18\x02 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\"q\n\x0bRateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.tokenforge.v1.Usage\x12\x1a\n\x12\x63ompare_channel_id\x18\x04 \x01(\t\"\xbb\x01\n\x0cRateResponse\x12\x13\n\x0b\x61mount_nano\x18\x01 \x01(\x03\x12%\n\x06\x62ucket\x18\x02 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\x12#\n\x05price\x18\x03 \x01(\x0b\x32\x14.tokenforge.v1.Price\x12\x1b\n\x13\x63ompare_amount_nano\x18\x04 \x01(\x03\x12-\n\x0e\x63ompare_bucket\x18\x05 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\"H\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmessages_json\x18\x02 \x01(\x0c\x12\x0c\n\x04text\x18\x03 \x01(\t\"%\n\x13\x43ountTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\"c\n\x08PlanStep\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\t\"L\n\x0e\x42ucketEstimate\x12\x10\n\x08low_nano\x18\x01 \x01(\x03\x12\x15\n\rexpected_nano\x18\x02 \x01(\x03\x12\x11\n\thigh_nano\x18\x03 \x01(\x03\"(\n\x07Warning\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe8\x01\n\x12\x45stimateRunRequest\x12%\n\x04plan\x18\x01 \x03(\x0b\x32\x17.tokenforge.v1.PlanStep\x12\x30\n\x0croute_policy\x18\x02 \x01(\x0e\x32\x1a.tokenforge.v1.RoutePolicy\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12)\n\x08\x62\x61lances\x18\x04 \x01(\x0b\x32\x17.tokenforge.v1.Balances\x12\x1a\n\x12\x62udget_wallet_nano\x18\x05 \x01(\x03\x12\x1a\n\x12\x62udget_credit_nano\x18\x06 \x01(\x03\"\x9d\x01\n\x13\x45stimateRunResponse\x12-\n\x06wallet\x18\x01 \x01(\x0b\x32\x1d.tokenforge.v1.BucketEstimate\x12-\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x1d.tokenforge.v1.BucketEstimate\x12(\n\x08warnings\x18\x03 \x03(\x0b\x32\x16.tokenforge.v1.Warning2\xc2\x02\n\x0fMeteringService\x12\x42\n\x05Quote\x12\x1b.tokenforge.v1.QuoteRequest\x1a\x1c.tokenforge.v1.QuoteResponse\x12?\n\x04Rate\x12\x1a.tokenforge.v1.RateRequest\x1a\x1b.tokenforge.v1.RateResponse\x12T\n\x0b\x43ountTokens\x12!.tokenforge.v1.CountTokensRequest\x1a\".tokenforge.v1.CountTokensResponse\x12T\n\x0b\x45stimateRun\x12!.tokenforge.v1.EstimateRunRequest\x1a\".tokenforge.v1.EstimateRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenforge/v1/metering.proto\x12\rtokenforge.v1\x1a\x1atokenforge/v1/common.proto\"w\n\x0cQuoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x15\n\rmessages_json\x18\x03 \x01(\x0c\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63over_channel_ids\x18\x05 \x03(\t\"}\n\rQuoteResponse\x12\x13\n\x0b\x61mount_nano\x18\x01 \x01(\x03\x12%\n\x06\x62ucket\x18\x02 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\"q\n\x0bRateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.tokenforge.v1.Usage\x12\x1a\n\x12\x63ompare_channel_id\x18\x04 \x01(\t\"\xbb\x01\n\x0cRateResponse\x12\x13\n\x0b\x61mount_nano\x18\x01 \x01(\x03\x12%\n\x06\x62ucket\x18\x02 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\x12#\n\x05price\x18\x03 \x01(\x0b\x32\x14.tokenforge.v1.Price\x12\x1b\n\x13\x63ompare_amount_nano\x18\x04 \x01(\x03\x12-\n\x0e\x63ompare_bucket\x18\x05 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\"H\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmessages_json\x18\x02 \x01(\x0c\x12\x0c\n\x04text\x18\x03 \x01(\t\"%\n\x13\x43ountTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\"c\n\x08PlanStep\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\t\"L\n\x0e\x42ucketEstimate\x12\x10\n\x08low_nano\x18\x01 \x01(\x03\x12\x15\n\rexpected_nano\x18\x02 \x01(\x03\x12\x11\n\thigh_nano\x18\x03 \x01(\x03\"(\n\x07Warning\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe8\x01\n\x12\x45stimateRunRequest\x12%\n\x04plan\x18\x01 \x03(\x0b\x32\x17.tokenforge.v1.PlanStep\x12\x30\n\x0croute_policy\x18\x02 \x01(\x0e\x32\x1a.tokenforge.v1.RoutePolicy\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12)\n\x08\x62\x61lances\x18\x04 \x01(\x0b\x32\x17.tokenforge.v1.Balances\x12\x1a\n\x12\x62udget_wallet_nano\x18\x05 \x01(\x03\x12\x1a\n\x12\x62udget_credit_nano\x18\x06 \x01(\x03\"\x9d\x01\n\x13\x45stimateRunResponse\x12-\n\x06wallet\x18\x01 \x01(\x0b\x32\x1d.tokenforge.v1.BucketEstimate\x12-\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x1d.tokenforge.v1.BucketEstimate\x12(\n\x08warnings\x18\x03 \x03(\x0b\x32\x16.tokenforge.v1.Warning2\xc2\x02\n\x0fMeteringService\x12\x42\n\x05Quote\x12\x1b.tokenforge.v1.QuoteRequest\x1a\x1c.tokenforge.v1.QuoteResponse\x12?\n\x04Rate\x12\x1a.tokenforge.v1.RateRequest\x1a\x1b.tokenforge.v1.RateResponse\x12T\n\x0b\x43ountTokens\x12!.tokenforge.v1.CountTokensRequest\x1a\".tokenforge.v1.CountTokensResponse\x12T\n\x0b\x45stimateRun\x12!.tokenforge.v1.EstimateRunRequest\x1a\".tokenforge.v1.EstimateRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenforge.v1.metering_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUOTEREQUEST']._serialized_start=75
-  _globals['_QUOTEREQUEST']._serialized_end=167
-  _globals['_QUOTERESPONSE']._serialized_start=169
-  _globals['_QUOTERESPONSE']._serialized_end=294
-  _globals['_RATEREQUEST']._serialized_start=296
-  _globals['_RATEREQUEST']._serialized_end=409
-  _globals['_RATERESPONSE']._serialized_start=412
-  _globals['_RATERESPONSE']._serialized_end=599
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=601
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=673
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=675
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=712
-  _globals['_PLANSTEP']._serialized_start=714
-  _globals['_PLANSTEP']._serialized_end=813
-  _globals['_BUCKETESTIMATE']._serialized_start=815
-  _globals['_BUCKETESTIMATE']._serialized_end=891
-  _globals['_WARNING']._serialized_start=893
-  _globals['_WARNING']._serialized_end=933
-  _globals['_ESTIMATERUNREQUEST']._serialized_start=936
-  _globals['_ESTIMATERUNREQUEST']._serialized_end=1168
-  _globals['_ESTIMATERUNRESPONSE']._serialized_start=1171
-  _globals['_ESTIMATERUNRESPONSE']._serialized_end=1328
-  _globals['_METERINGSERVICE']._serialized_start=1331
-  _globals['_METERINGSERVICE']._serialized_end=1653
+  _globals['_QUOTEREQUEST']._serialized_end=194
+  _globals['_QUOTERESPONSE']._serialized_start=196
+  _globals['_QUOTERESPONSE']._serialized_end=321
+  _globals['_RATEREQUEST']._serialized_start=323
+  _globals['_RATEREQUEST']._serialized_end=436
+  _globals['_RATERESPONSE']._serialized_start=439
+  _globals['_RATERESPONSE']._serialized_end=626
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=628
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=700
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=702
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=739
+  _globals['_PLANSTEP']._serialized_start=741
+  _globals['_PLANSTEP']._serialized_end=840
+  _globals['_BUCKETESTIMATE']._serialized_start=842
+  _globals['_BUCKETESTIMATE']._serialized_end=918
+  _globals['_WARNING']._serialized_start=920
+  _globals['_WARNING']._serialized_end=960
+  _globals['_ESTIMATERUNREQUEST']._serialized_start=963
+  _globals['_ESTIMATERUNREQUEST']._serialized_end=1195
+  _globals['_ESTIMATERUNRESPONSE']._serialized_start=1198
+  _globals['_ESTIMATERUNRESPONSE']._serialized_end=1355
+  _globals['_METERINGSERVICE']._serialized_start=1358
+  _globals['_METERINGSERVICE']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)

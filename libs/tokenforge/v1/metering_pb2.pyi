@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QuoteRequest(_message.Message):
-    __slots__ = ("model", "channel_id", "messages_json", "max_tokens")
+    __slots__ = ("model", "channel_id", "messages_json", "max_tokens", "cover_channel_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COVER_CHANNEL_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     channel_id: str
     messages_json: bytes
     max_tokens: int
-    def __init__(self, model: _Optional[str] = ..., channel_id: _Optional[str] = ..., messages_json: _Optional[bytes] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    cover_channel_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., channel_id: _Optional[str] = ..., messages_json: _Optional[bytes] = ..., max_tokens: _Optional[int] = ..., cover_channel_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QuoteResponse(_message.Message):
     __slots__ = ("amount_nano", "bucket", "prompt_tokens", "max_output_tokens")

@@ -1,0 +1,135 @@
+"""Regressions for what an adversarial pass found: holds that cover fallbacks, callers that
+leave before the answer, and input that must be refused with a 400 that moves nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Customer, make_customer
+from tests.e2e.helpers import M, chat, receipt
+
+
+def test_the_hold_covers_a_fallback_to_a_pricier_backup(stack) -> None:
+    c = make_customer(stack, wallet="10.00")
+    _, headers = chat(c, "m-timeout", max_tokens=32)
+    r = receipt(c, headers["x-tf-receipt-id"])
+    prompt = r["usage"]["input_tokens"]
+    backup_worst = (prompt * Decimal("1.60") + 32 * Decimal("6.40")) / M
+    assert Decimal(r["held"]) >= backup_worst
+    assert Decimal(r["uncollected"]) == 0
+
+    # A wallet that covers the primary's worst case but not the backup's is refused up front
+    # instead of ending with an uncollected fallback.
+    tight = make_customer(stack, wallet=str((prompt * Decimal("1.00") + 32 * Decimal("2.00")) / M + Decimal("0.00001")))
+    before = tight.balance()
+    with pytest.raises(openai.APIStatusError) as info:
+        chat(tight, "m-timeout", max_tokens=32)
+    assert info.value.status_code == 402
+    assert tight.balance() == before
+
+
+def _only_receipt(c: Customer, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    with c.client() as http:
+        while True:
+            data = http.get("/v1/receipts").json()["data"]
+            if data:
+                assert len(data) == 1
+                return data[0]
+            assert time.monotonic() < deadline, "no receipt"
+            time.sleep(0.05)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_starts_no_retry_and_pays_nothing(stack) -> None:
+    c = make_customer(stack)
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=stack.url, timeout=0.4) as http:
+        # m-429: the first try gets 429 with Retry-After 1 s; we leave during that wait.
+        http.post("/v1/chat/completions", headers={"authorization": f"Bearer {c.secret}"},
+                  json={"model": "m-429", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    r = _only_receipt(c)
+    assert r["status"] == "cancelled"
+    assert [a["outcome"] for a in r["attempts"]] == ["rate_limited"]
+    assert Decimal(r["amount"]) == 0
+    assert c.wallet() == Decimal("10.00")
+    assert Decimal(c.balance()["buckets"]["wallet"]["held"]) == 0
+
+
+def test_a_client_that_leaves_before_the_first_chunk_pays_nothing(stack) -> None:
+    c = make_customer(stack)
+    body = {"model": "m-timeout", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=stack.url, timeout=0.2) as http:
+        http.post("/v1/chat/completions", headers={"authorization": f"Bearer {c.secret}"}, json=body)
+    r = _only_receipt(c)
+    assert r["status"] == "cancelled"
+    assert [a["channel"] for a in r["attempts"]] == ["slow-a"]  # no fallback started after it left
+    assert c.wallet() == Decimal("10.00")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 2**70}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),  # over the model's output cap
+        ({"temperature": float("nan")}, None),
+    ],
+    ids=["huge-max-tokens", "over-model-cap", "nan"],
+)
+def test_out_of_range_input_is_400(customer: Customer, body: dict, param: str | None) -> None:
+    full = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], **body}
+    with customer.client() as c:
+        resp = c.post("/v1/chat/completions", content=json.dumps(full, allow_nan=True),
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+    assert customer.wallet() == Decimal("10.00")
+
+
+def test_deeply_nested_json_is_400_not_500(customer: Customer) -> None:
+    deep = '{"model": "gpt-4o-mini", "stream": true, "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with customer.client() as c:
+        resp = c.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["code"] == "invalid_request"
+        admin = c.post("/v1/runs", content='{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        assert admin.status_code == 400
+
+
+def test_run_step_with_control_characters_is_refused_over_grpc(stack, customer: Customer) -> None:
+    from tokenforge.v1 import router_pb2, router_pb2_grpc
+
+    addr = next(line.split(": ", 1)[1] for line in stack.lines if line.startswith("router gRPC: "))
+    with customer.client() as http:
+        run = http.post("/v1/runs", json={"name": "r"}).json()
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    with grpc.insecure_channel(addr) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        for step in ("bad\x00step", "x" * 5000):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.StreamChatCompletion(router_pb2.ChatCompletionRequest(body_json=body, run_id=run["id"], run_step=step),
+                                               metadata=(("authorization", f"Bearer {customer.secret}"),), timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert customer.wallet() == Decimal("10.00")
+
+
+@pytest.mark.parametrize("amount", ["1_000", "1e2", "+1", " 1", "٣", 1, 1.5])
+def test_topup_amounts_must_be_plain_decimal_strings(stack, amount) -> None:
+    with stack.admin() as admin:
+        acct = admin.post("/admin/v1/accounts", json={"name": "strict"}).json()
+        resp = admin.post(f"/admin/v1/accounts/{acct['id']}/topups",
+                          json={"bucket": "wallet", "amount": amount, "idempotency_key": "k"})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "amount"
+        assert admin.get(f"/admin/v1/accounts/{acct['id']}").json()["buckets"]["wallet"]["balance"] == "0"
+
+
+def test_names_with_control_characters_are_refused(stack) -> None:
+    with stack.admin() as admin:
+        resp = admin.post("/admin/v1/accounts", json={"name": "evil\x00name"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "name"
