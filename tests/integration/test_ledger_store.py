@@ -1,0 +1,91 @@
+"""The store's optimistic write: a row changed between a batch's read and its write undoes the
+whole write, and the writer re-reads and re-applies the batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+
+import asyncpg
+import pytest
+
+from tokenforge.errors import TFError
+from tokenforge.ledger import core, migrations, store, writer
+from tokenforge.ledger.core import Book, HoldOp, KeyLimitsNano, Policy, TopUpOp
+from tokenforge.money import Bucket
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+POLICY = Policy(600, 3600, 3600)
+
+
+@pytest.fixture
+async def pool(fresh_database_url: str):  # type: ignore[no-untyped-def]
+    conn = await asyncpg.connect(fresh_database_url)
+    await migrations.migrate(conn)
+    assert await migrations.migrate(conn) == []  # applied once
+    await conn.close()
+    p = await store.create_pool(fresh_database_url, min_size=1, max_size=3, writer=True)
+    yield p
+    await p.close()
+
+
+async def _customer(pool: asyncpg.Pool, group: writer.WriterGroup) -> tuple[str, str]:
+    account_id, key_id = core.new_id("acct"), core.new_id("key")
+    async with pool.acquire() as conn:
+        await store.create_account(conn, account_id, "occ")
+        await store.create_key(conn, key_id=key_id, account_id=account_id, name="k", secret=secrets.token_urlsafe(),
+                               prefix="sk", route_policy="auto", allowed_models=[], limits=KeyLimitsNano())
+    await group.submit(TopUpOp(account_id, Bucket.WALLET, 1000, "occ-" + secrets.token_hex(4)))
+    return account_id, key_id
+
+
+async def test_a_row_changed_after_the_read_undoes_the_write(pool: asyncpg.Pool) -> None:
+    group = writer.WriterGroup(pool, POLICY, 1)
+    group.start()
+    try:
+        account_id, key_id = await _customer(pool, group)
+        op = HoldOp(account_id, "occ-r1", key_id, Bucket.WALLET, 100)
+        async with pool.acquire() as conn:
+            book = Book(now=dt.datetime.now(dt.UTC), policy=POLICY)
+            snap = await store.load_book(conn, [op], book)
+            book.apply(op)
+            async with pool.acquire() as other:  # the key is revoked meanwhile
+                await store.revoke_key(other, key_id)
+            with pytest.raises(asyncpg.SerializationError):
+                await store.write_book(conn, book, snap)
+            assert await conn.fetchval("SELECT count(*) FROM holds WHERE request_id = 'occ-r1'") == 0
+            assert await conn.fetchval("SELECT count(*) FROM transfers WHERE account_id = $1", account_id) == 1
+            assert await conn.fetchval(
+                "SELECT held_nano FROM buckets WHERE account_id = $1 AND bucket = 'wallet'", account_id) == 0
+    finally:
+        await group.stop()
+
+
+async def test_the_writer_retries_a_batch_that_lost_a_race(pool: asyncpg.Pool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    group = writer.WriterGroup(pool, POLICY, 1)
+    group.start()
+    try:
+        account_id, key_id = await _customer(pool, group)
+        real_load = store.load_book
+        raced = []
+
+        async def load_then_revoke(conn, ops, book):  # type: ignore[no-untyped-def]
+            snap = await real_load(conn, ops, book)
+            if not raced:
+                raced.append(True)
+                async with pool.acquire() as other:
+                    await store.revoke_key(other, key_id)
+            return snap
+
+        monkeypatch.setattr(writer.store, "load_book", load_then_revoke)
+        with pytest.raises(TFError) as info:
+            await group.submit(HoldOp(account_id, "occ-r2", key_id, Bucket.WALLET, 100))
+        # the first attempt admitted the hold; its write failed; the retry saw the revocation
+        assert info.value.code == "invalid_api_key"
+        assert group.writers[0].stats.conflicts == 1
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM holds WHERE request_id = 'occ-r2'") == 0
+            problems, _ = await store.audit(conn)
+        assert problems == []
+    finally:
+        await group.stop()
