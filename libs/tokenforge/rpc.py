@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import logging
 import signal
@@ -29,6 +30,7 @@ from tokenforge.v1 import common_pb2
 log = logging.getLogger("tokenforge.rpc")
 _tracer = trace.ProxyTracer("tokenforge.rpc")
 
+GC_GEN0_THRESHOLD = 20_000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -123,6 +125,18 @@ def client_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
+def tune_gc() -> None:
+    """Once start-up is done: move what was loaded (modules, protobuf descriptors, the
+    catalog, tokenizer tables) into the permanent generation, where the cyclic collector
+    never scans it again, and run the young collection less often. Request garbage is freed
+    by reference counting either way; the cycles it leaves are few. Under load the collector
+    took ~4% of the router's CPU (py-spy --native) with the defaults (700, 10, 10)."""
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 async def serve(
     *,
     name: str,
@@ -153,6 +167,7 @@ async def serve(
     if port == 0:
         raise SystemExit(f"{name}: cannot bind {bind}")
     await server.start()
+    tune_gc()
     for svc in ["", *service_names]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s serving gRPC on %s", name, bind)

@@ -9,6 +9,7 @@ import uvicorn
 
 from tokenforge.config import Settings
 from tokenforge.edge.app import Edge, build_app
+from tokenforge.rpc import tune_gc
 from tokenforge.telemetry import setup_tracing
 
 
@@ -29,6 +30,7 @@ def run(settings: Settings) -> int:
             log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off",
         )
         server = uvicorn.Server(config)
+        tune_gc()
         try:
             await server.serve()
         finally:
