@@ -19,9 +19,33 @@ log = logging.getLogger("tokenforge.pg")
 class EmbeddedPostgres:
     server: Any
     url: str
+    pgdata: pathlib.Path
 
     def stop(self) -> None:
         self.server.cleanup()
+        # pgserver stops only a server this process started; one left by a `tokenforge up`
+        # that was killed (and adopted here) is stopped too, so nothing outlives `up`.
+        if self.alive():
+            from pgserver._commands import pg_ctl
+
+            try:
+                pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.server.system_user)
+            except Exception:  # noqa: BLE001 - best effort: report, do not mask the stop
+                log.warning("could not stop PostgreSQL in %s", self.pgdata, exc_info=True)
+
+    def alive(self) -> bool:
+        """Whether the postmaster of this data folder is running."""
+        pid_file = self.pgdata / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return False
+        import psutil
+
+        try:
+            return psutil.Process(pid).is_running() and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
 
 def start_embedded(data_dir: str | os.PathLike[str]) -> EmbeddedPostgres:
@@ -36,4 +60,4 @@ def start_embedded(data_dir: str | os.PathLike[str]) -> EmbeddedPostgres:
     pgdata = pathlib.Path(data_dir).resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    return EmbeddedPostgres(server=server, url=server.get_uri())
+    return EmbeddedPostgres(server=server, url=server.get_uri(), pgdata=pgdata)

@@ -36,3 +36,28 @@ def test_up_restart_keeps_data_and_stop_leaves_nothing(tmp_path) -> None:
         assert again["buckets"]["wallet"]["balance"] == "3.500000"
     finally:
         assert second.stop() == 0
+
+
+def test_a_killed_up_leaves_postgres_that_the_next_up_adopts_and_stops(tmp_path) -> None:
+    import os
+    import signal
+
+    data_dir = tmp_path / "data"
+    first = start_stack(data_dir)
+    children = first.children()
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait()
+    pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    # Our services die with `up` (parent-death signal); PostgreSQL is a daemon and stays.
+    for p in children:
+        try:
+            p.wait(10)
+        except psutil.NoSuchProcess:
+            pass
+    second = start_stack(data_dir)
+    assert second.stop() == 0
+    assert not (data_dir / "pg" / "postmaster.pid").exists()
+    try:
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        pass
