@@ -56,3 +56,11 @@ def test_the_catalog_configmap_is_a_valid_catalog_with_credentials_from_secrets(
     catalog = parse_catalog(yaml.safe_load(catalog_text), source="k8s/config.yaml", env={})
     keys = next(d for d in docs if d["metadata"]["name"] == "tokenforge-upstream-keys")["stringData"]
     assert {c.api_key_env for c in catalog.channels.values()} <= set(keys)
+
+
+def test_only_the_router_and_edge_can_reach_the_ledger() -> None:
+    docs = _documents()
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "ledger-callers")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "tokenforge-ledger"}
+    allowed = {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policy["spec"]["ingress"][0]["from"]}
+    assert allowed == {"tokenforge-router", "tokenforge-edge"}
