@@ -25,6 +25,7 @@ ERROR_TABLE: dict[str, tuple[int, grpc.StatusCode, str]] = {
     "not_found": (404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
     "conflict": (409, grpc.StatusCode.ALREADY_EXISTS, "invalid_request_error"),
     "request_too_large": (413, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    "request_timeout": (408, grpc.StatusCode.DEADLINE_EXCEEDED, "invalid_request_error"),
     "upstream_error": (502, grpc.StatusCode.UNAVAILABLE, "api_error"),
     "upstream_timeout": (504, grpc.StatusCode.DEADLINE_EXCEEDED, "api_error"),
     "internal_error": (500, grpc.StatusCode.INTERNAL, "api_error"),

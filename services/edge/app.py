@@ -27,6 +27,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
 MAX_REPORT_PAGES = 10
+BODY_READ_TIMEOUT_S = 30.0
 MAX_HEADER_VALUE_CHARS = 200
 
 
@@ -66,11 +67,16 @@ class Edge:
             raise TFError("request_too_large", f"The request body is over the limit of {self.max_body_bytes} bytes.")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise TFError("request_too_large", f"The request body is over the limit of {self.max_body_bytes} bytes.")
-            chunks.append(chunk)
+        try:
+            # A client that trickles its body (slowloris) is cut off, not waited for forever.
+            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise TFError("request_too_large", f"The request body is over the limit of {self.max_body_bytes} bytes.")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise TFError("request_timeout", f"The request body did not arrive within {BODY_READ_TIMEOUT_S:g} s.") from None
         return b"".join(chunks)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
