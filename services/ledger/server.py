@@ -610,7 +610,7 @@ def _env_number(name: str, default: float) -> float:
 
 
 async def _main(settings: Settings) -> int:
-    n_writers = int(_env_number("TF_LEDGER_WRITERS", 2))
+    n_writers = int(_env_number("TF_LEDGER_WRITERS", 1))
     reap_interval_s = _env_number("TF_LEDGER_REAP_INTERVAL_S", 1.0)
     policy = Policy(
         hold_ttl_s=settings.hold_ttl_s,
