@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
 from base64 import b32encode
 from collections.abc import Callable
@@ -87,6 +88,15 @@ def check_request_id(request_id: str) -> None:
             f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters",
             "request_id",
         )
+
+
+_RECEIPT_ID_RE = re.compile(r"^rcpt_[A-Za-z0-9]{8,64}$")
+
+
+def check_receipt_id(receipt_id: str) -> None:
+    """A receipt id the caller chose: rcpt_ and 8 to 64 letters or digits."""
+    if not _RECEIPT_ID_RE.match(receipt_id):
+        raise TFError("invalid_request", "receipt_id must be rcpt_ followed by 8 to 64 letters or digits", "receipt_id")
 
 
 def check_name(name: str, param: str = "name") -> None:

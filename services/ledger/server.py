@@ -356,6 +356,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if request.rated_nano < 0:
             raise TFError("invalid_request", "rated_nano must not be negative", "rated_nano")
         receipt = _json_object(request.receipt_json, "receipt_json", MAX_RECEIPT_JSON_BYTES)
+        if request.receipt_id:
+            core.check_receipt_id(request.receipt_id)
         account_id = await self._account_of_key(request.key_id)
         result = await self._writers.submit(
             SettleOp(

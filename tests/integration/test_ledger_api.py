@@ -311,3 +311,19 @@ async def test_reaper_releases_expired_holds(stub) -> None:
                                             status="settled", receipt_json=receipt_json()))
     assert (res.amount_nano, res.uncollected_nano) == (1000, 0)
     await audit_ok(stub)
+
+
+async def test_receipt_id_chosen_by_the_router(stub) -> None:
+    c = await new_customer(stub, wallet_nano=ONE)
+    r, chosen = rid(), "rcpt_" + secrets.token_hex(12)
+    await stub.Hold(L.HoldRequest(request_id=r, key_id=c.key_id, bucket=WALLET, amount_nano=1000))
+    await expect_error(
+        stub.Settle(L.SettleRequest(request_id=r, key_id=c.key_id, bucket=WALLET, rated_nano=10,
+                                    status="settled", receipt_id="bogus id")),
+        S.INVALID_ARGUMENT, "invalid_request",
+    )
+    res = await stub.Settle(L.SettleRequest(request_id=r, key_id=c.key_id, bucket=WALLET, rated_nano=10,
+                                            status="settled", receipt_json=receipt_json(), receipt_id=chosen))
+    assert res.receipt_id == chosen
+    body = json.loads((await stub.GetReceipt(L.GetReceiptRequest(receipt_id=chosen, key_id=c.key_id))).receipt_json)
+    assert body["id"] == chosen and body["amount"] == "0.00000001"
