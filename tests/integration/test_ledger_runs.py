@@ -164,3 +164,17 @@ async def test_run_without_budget_groups_receipts(stub) -> None:
         stub.CreateRun(L.CreateRunRequest(key_id=c.key_id, name="neg", budget_wallet_nano=-1)),
         S.INVALID_ARGUMENT, "invalid_request",
     )
+
+
+async def test_an_expired_run_releases_its_budget(stub) -> None:
+    import asyncio
+
+    c = await new_customer(stub, wallet_nano=ONE)
+    run = await stub.CreateRun(L.CreateRunRequest(key_id=c.key_id, name="short", budget_wallet_nano=ONE // 2, ttl_s=1))
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await stub.GetRun(L.GetRunRequest(run_id=run.id))).status != "expired":
+        assert asyncio.get_running_loop().time() < deadline, "run not expired by the reaper"
+        await asyncio.sleep(0.1)
+    acct = await stub.GetAccount(L.GetAccountRequest(account_id=c.account_id))
+    assert (acct.balances.wallet.balance_nano, acct.balances.wallet.held_nano) == (ONE, 0)
+    await audit_ok(stub)
