@@ -25,7 +25,10 @@ httptools' parser (no httpx: its per-request cost would be a third of the stack'
 Its own CPU per request is printed, as is every stack process's CPU per request (psutil),
 which is the cheapest profile of where the time goes. `--profile DIR` also records a py-spy
 flame graph of each Python service during an extra throughput phase (py-spy slows what it
-samples a little, so those figures are not the reported ones). Not a test.
+samples a little, so those figures are not the reported ones). `--export-spans` runs the
+stack with OTLP/HTTP span export switched on (as a deployment with a collector would),
+into a sink process that answers 200 and discards; without it the spans are recorded (the
+router builds receipts from them) but not exported. Not a test.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import json
 import os
 import pathlib
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -178,6 +180,32 @@ async def load(url: str, raw: bytes, n: int, clients: int) -> tuple[float, list[
         assert c.transport is not None
         c.transport.close()
     return wall, latencies, ttfbs, errors
+
+
+# ---- an OTLP sink for --export-spans --------------------------------------------------------
+
+SINK_CODE = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def start_sink() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-c", SINK_CODE], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
 # ---- the stack's processes --------------------------------------------------------------------
@@ -409,6 +437,11 @@ def report(results: dict[str, Phase], clients: int) -> None:
 async def amain(args: argparse.Namespace) -> int:
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix="tf-bench-"))
     env = {"TF_KEY_CACHE_TTL_S": os.environ.get("TF_KEY_CACHE_TTL_S", "1")}
+    sink = None
+    if args.export_spans:
+        sink, sink_url = start_sink()
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink_url
+        print(f"span export on: OTLP/HTTP to a discarding sink at {sink_url}", flush=True)
     print(f"starting the stack in {data_dir} …", flush=True)
     stack = start_stack(data_dir / "data", env=env)
     try:
@@ -429,6 +462,8 @@ async def amain(args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+        if sink is not None:
+            sink.terminate()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -440,6 +475,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--profile", metavar="DIR", help="also record py-spy profiles of each service")
+    parser.add_argument("--export-spans", action="store_true", help="export spans over OTLP/HTTP (to a sink)")
     args = parser.parse_args()
     uvloop.install()
     return asyncio.run(amain(args))
