@@ -174,7 +174,7 @@ _LOAD_SQL = f"""
 WITH h AS (SELECT {_HOLD_COLS} FROM holds
             WHERE request_id = ANY($2::text[]) AND account_id = ANY($1::text[])),
      r AS (SELECT {_RUN_COLS} FROM runs
-            WHERE (id = ANY($3::text[]) OR id IN (SELECT run_id FROM h))
+            WHERE id IN (SELECT unnest($3::text[]) UNION SELECT run_id FROM h)
               AND account_id = ANY($1::text[]))
 SELECT
   (SELECT json_agg(t) FROM (SELECT account_id, bucket, balance_nano, held_nano FROM buckets
@@ -182,8 +182,8 @@ SELECT
   (SELECT json_agg(h) FROM h) AS holds,
   (SELECT json_agg(r) FROM r) AS runs,
   (SELECT json_agg(t) FROM (SELECT {_KEY_COLS} FROM keys
-                             WHERE (id = ANY($4::text[]) OR id IN (SELECT key_id FROM h)
-                                    OR id IN (SELECT key_id FROM r))
+                             WHERE id IN (SELECT unnest($4::text[]) UNION SELECT key_id FROM h
+                                          UNION SELECT key_id FROM r)
                                AND account_id = ANY($1::text[])) t) AS keys,
   (SELECT json_agg(t) FROM (SELECT id, request_id, key_id, account_id, run_id, run_step, status,
                                    bucket, rated_nano, amount_nano, uncollected_nano, held_nano,
