@@ -8,9 +8,10 @@ fresh database is made on that server and dropped afterwards) and a real ledger 
 
   ledger   --clients concurrent clients, each doing Hold then Settle (a receipt is written)
            through gRPC, for --seconds;
-  direct   the same number of concurrent asyncpg connections doing the bare minimum of that
-           work one statement per commit: a conditional UPDATE that reserves, then an UPDATE
-           that captures (no holds table, no journal, no receipt).
+  direct   the same number of concurrent asyncpg connections doing the same bookkeeping on the
+           ledger's own tables (hold row, key usage, journal transfers, receipt), one statement
+           per commit: a hold statement, then a capture statement (no idempotency reads, no
+           limit checks, no gRPC).
 
 It prints pairs/s, p50 and p99 of a pair's latency, and ledger/direct as ratios. Durability
 is as configured by PostgreSQL (synchronous_commit on, fsync on): nothing is switched off.
@@ -240,7 +241,54 @@ def noop_server(addr: str) -> None:
 # the same work straight through asyncpg, one statement per commit
 
 
-async def run_direct(url: str, accounts: list[str], clients: int, seconds: float, meter: CpuMeter | None = None) -> Result:
+# The same bookkeeping as the ledger's (hold row, key usage, journal, receipt), on the ledger's
+# own tables, one statement per commit: what a straightforward implementation would send.
+_DIRECT_HOLD = """
+WITH b AS (UPDATE buckets SET held_nano = held_nano + $3
+            WHERE account_id = $1 AND bucket = 'wallet' AND balance_nano - held_nano >= $3
+            RETURNING balance_nano),
+     k AS (UPDATE keys SET held_wallet_nano = held_wallet_nano + $3
+            WHERE id = $2 AND EXISTS (SELECT 1 FROM b) RETURNING 1),
+     h AS (INSERT INTO holds (id, request_id, bucket, account_id, key_id, run_funded, amount_nano,
+                              state, ttl_s, expires_at, created_at)
+           SELECT $4, $5, 'wallet', $1, $2, false, $3, 'active', 600, now() + interval '600 s', now()
+             FROM b RETURNING 1),
+     t AS (INSERT INTO transfers (at, kind, unit, src, dst, amount_nano, account_id, bucket, key_id,
+                                  ref, balance_after_nano)
+           SELECT now(), 'hold', 'CNY', 'customer', 'holds', $3, $1, 'wallet', $2, $4, balance_nano
+             FROM b RETURNING 1)
+SELECT count(*) FROM b"""
+
+_DIRECT_CAPTURE = """
+WITH hd AS (UPDATE holds SET state = 'captured', captured_nano = $3, released_nano = amount_nano - $3,
+                             closed_at = now()
+             WHERE request_id = $4 AND bucket = 'wallet' AND state = 'active' RETURNING id, amount_nano),
+     b AS (UPDATE buckets SET balance_nano = balance_nano - $3,
+                              held_nano = held_nano - (SELECT amount_nano FROM hd)
+            WHERE account_id = $1 AND bucket = 'wallet' AND EXISTS (SELECT 1 FROM hd)
+            RETURNING balance_nano),
+     k AS (UPDATE keys SET held_wallet_nano = held_wallet_nano - (SELECT amount_nano FROM hd),
+                           spent_wallet_nano = spent_wallet_nano + $3,
+                           day = current_date, day_wallet_nano = CASE WHEN day = current_date
+                                THEN day_wallet_nano + $3 ELSE $3 END
+            WHERE id = $2 AND EXISTS (SELECT 1 FROM hd) RETURNING 1),
+     r AS (INSERT INTO receipts (id, request_id, key_id, account_id, status, bucket, rated_nano,
+                                 amount_nano, uncollected_nano, held_nano, released_nano, created_at, body)
+           SELECT $5, $4, $2, $1, 'settled', 'wallet', $3, $3, 0, amount_nano, amount_nano - $3, now(),
+                  $6::jsonb FROM hd RETURNING 1),
+     t AS (INSERT INTO transfers (at, kind, unit, src, dst, amount_nano, account_id, bucket, key_id,
+                                  ref, receipt_id, balance_after_nano)
+           SELECT now(), 'capture', 'CNY', 'holds', 'revenue', $3, $1, 'wallet', $2, hd.id, $5, b.balance_nano
+             FROM hd, b
+           UNION ALL
+           SELECT now(), 'release', 'CNY', 'holds', 'customer', hd.amount_nano - $3, $1, 'wallet', $2,
+                  hd.id, $5, b.balance_nano
+             FROM hd, b WHERE hd.amount_nano > $3
+           RETURNING 1)
+SELECT count(*) FROM b"""
+
+
+async def run_direct(url: str, customers: list[tuple[str, str]], clients: int, seconds: float, meter: CpuMeter | None = None) -> Result:
     import resource
 
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -250,26 +298,22 @@ async def run_direct(url: str, accounts: list[str], clients: int, seconds: float
     latencies: list[float] = []
     pairs = 0
     deadline = time.perf_counter() + seconds
+    prefix = secrets.token_hex(4)
+    body = RECEIPT.decode()
 
     async def client(i: int) -> None:
         nonlocal pairs
         n = 0
         while time.perf_counter() < deadline:
-            account = accounts[(i + n * clients) % len(accounts)]
+            account_id, key_id = customers[(i + n * clients) % len(customers)]
+            rid = f"d{prefix}-{i}-{n}"
             n += 1
             t0 = time.perf_counter()
             async with pool.acquire() as conn:
-                ok = await conn.fetchval(
-                    """UPDATE bench_buckets SET held_nano = held_nano + $2
-                        WHERE account_id = $1 AND balance_nano - held_nano >= $2 RETURNING true""",
-                    account, HOLD_NANO,
-                )
-                assert ok
-                await conn.execute(
-                    """UPDATE bench_buckets SET balance_nano = balance_nano - $2, held_nano = held_nano - $3
-                        WHERE account_id = $1""",
-                    account, RATED_NANO, HOLD_NANO,
-                )
+                held = await conn.fetchval(_DIRECT_HOLD, account_id, key_id, HOLD_NANO, f"hold_{rid}", rid)
+                assert held == 1
+                captured = await conn.fetchval(_DIRECT_CAPTURE, account_id, key_id, RATED_NANO, rid, f"rcpt_{rid}", body)
+                assert captured == 1
             latencies.append((time.perf_counter() - t0) * 1000)
             pairs += 1
 
@@ -307,7 +351,8 @@ async def drop_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
-async def seed(addr: str, n_accounts: int) -> list[str]:
+async def seed(addr: str, n_accounts: int) -> list[tuple[str, str]]:
+    """Accounts with money and one key each; returns (account id, key id) pairs."""
     from tokenforge.rpc import client_channel
     from tokenforge.v1 import ledger_pb2 as L
     from tokenforge.v1 import ledger_pb2_grpc
@@ -316,33 +361,15 @@ async def seed(addr: str, n_accounts: int) -> list[str]:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         sem = asyncio.Semaphore(32)
 
-        async def one(i: int) -> str:
+        async def one(i: int) -> tuple[str, str]:
             async with sem:
                 account = await stub.CreateAccount(L.CreateAccountRequest(name=f"bench-{i}"))
                 await stub.TopUp(L.TopUpRequest(account_id=account.id, bucket=1, amount_nano=1_000_000 * ONE,
                                                 idempotency_key=f"bench-{account.id}"))
                 key = await stub.CreateKey(L.CreateKeyRequest(account_id=account.id, name="bench", route_policy=1))
-                return key.key.id
+                return account.id, key.key.id
 
         return list(await asyncio.gather(*(one(i) for i in range(n_accounts))))
-
-
-async def seed_direct(url: str, n_accounts: int) -> list[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS bench_buckets (
-                   account_id text PRIMARY KEY,
-                   balance_nano bigint NOT NULL CHECK (balance_nano >= 0),
-                   held_nano bigint NOT NULL CHECK (held_nano >= 0 AND held_nano <= balance_nano))"""
-        )
-        ids = [f"bench-{n_accounts}-{i}" for i in range(n_accounts)]
-        await conn.executemany(
-            "INSERT INTO bench_buckets VALUES ($1, $2, 0)", [(a, 1_000_000 * ONE) for a in ids]
-        )
-        return ids
-    finally:
-        await conn.close()
 
 
 async def settle_database(url: str) -> None:
@@ -408,10 +435,13 @@ def main() -> int:
         ledger = subprocess.Popen([*cmd, "serve", "ledger"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         asyncio.run(wait_ready(addr))
-        hot_keys = asyncio.run(seed(addr, 1))
-        spread_keys = asyncio.run(seed(addr, ns.accounts))
-        hot_direct = asyncio.run(seed_direct(url, 1))
-        spread_direct = asyncio.run(seed_direct(url, ns.accounts))
+        hot = asyncio.run(seed(addr, 1))
+        spread = asyncio.run(seed(addr, ns.accounts))
+        # the direct runs work on accounts of their own
+        hot_direct = asyncio.run(seed(addr, 1))
+        spread_direct = asyncio.run(seed(addr, ns.accounts))
+        hot_keys = [k for _, k in hot]
+        spread_keys = [k for _, k in spread]
         postmaster_pid = None
         if pg is not None:
             with contextlib.suppress(OSError, ValueError, IndexError):
@@ -435,7 +465,7 @@ def main() -> int:
             rows.append((label, g, d))
             print(f"{label:14s} ledger gRPC  {fmt(g)}")
             print(f"{'':14s}   {g.cpu_ms_per_pair()}")
-            print(f"{'':14s} asyncpg 1/commit {fmt(d)}")
+            print(f"{'':14s} asyncpg 1 stmt/commit {fmt(d)}")
             print(f"{'':14s}   {d.cpu_ms_per_pair()}")
             print(f"{'':14s} ratio ledger/direct: throughput x{g.rate / d.rate:.2f}, "
                   f"p50 x{g.pct(50) / d.pct(50):.2f}, p99 x{g.pct(99) / d.pct(99):.2f}")
