@@ -178,6 +178,8 @@ class Writer:
 
 
 def _as_tferror(exc: BaseException) -> TFError:
+    if isinstance(exc, TFError):
+        return exc
     if isinstance(exc, asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
         return TFError("unavailable", "the ledger's database failed; retry the operation")
     return TFError("internal_error", "the ledger failed to apply the operation")
