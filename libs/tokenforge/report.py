@@ -80,11 +80,11 @@ h1{font-size:20px;margin:0 0 4px} .muted{color:#667} table{border-collapse:colla
 th,td{padding:4px 10px;border-bottom:1px solid #e3e6ea;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .cards{display:flex;gap:12px;margin:16px 0} .card{background:#fff;border:1px solid #e3e6ea;border-radius:8px;padding:12px 16px;min-width:180px}
 .card b{font-size:20px;display:block} .wf{background:#fff;border:1px solid #e3e6ea;border-radius:8px;padding:8px 12px}
-.row{display:flex;align-items:center;height:22px;font-size:12px} .label{width:360px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.row{display:flex;align-items:center;height:22px;font-size:12px} .label{width:460px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .track{position:relative;flex:1;height:14px;background:#f1f3f5;border-radius:3px}
 .bar{position:absolute;top:0;height:14px;border-radius:3px;background:#3b82f6;min-width:2px}
 .bar.failed{background:#ef4444} .bar.partial,.bar.cancelled{background:#f59e0b}
-.legend span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 12px}
+.legend{margin:4px 0 8px} .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 12px}
 """
 
 
@@ -115,8 +115,9 @@ def report_html(r: dict[str, Any], receipts: list[dict[str, Any]] | None = None)
             status = "ok" if a.get("outcome") == "success" else ("partial" if a.get("outcome") in ("stream_error",) else
                                                                  "cancelled" if a.get("outcome") == "cancelled" else "failed")
             step = _get(rc, "run", "step", default="") or "-"
-            label = f"{rc.get('id')} · {step} · #{a.get('n')} {a.get('channel')} ({a.get('role')}) · {a.get('outcome')}"
-            title = f"{label} · {a.get('duration_ms')} ms · charged {a.get('charged')}" + (f" · {a.get('error')}" if a.get("error") else "")
+            label = f"{step} · {rc.get('requested_model')} · #{a.get('n')} {a.get('channel')} ({a.get('role')}) · {a.get('outcome')}"
+            title = (f"{rc.get('id')} · {label} · {a.get('duration_ms')} ms · charged {a.get('charged')}"
+                     + (f" · {a.get('error')}" if a.get("error") else ""))
             rows.append((start, (a.get("duration_ms") or 0) / 1000.0, status, label, title))
     rows.sort()
     rows = rows[:MAX_WATERFALL_ROWS]
@@ -128,9 +129,10 @@ def report_html(r: dict[str, Any], receipts: list[dict[str, Any]] | None = None)
             f"<div class=row title='{e(title)}'><div class=label>{e(label)}</div><div class=track>"
             f"<div class='bar {status}' style='left:{(s - t0) / span * 100:.3f}%;width:{max(d / span * 100, 0.2):.3f}%'></div></div></div>"
             for s, d, status, label, title in rows)
-        waterfall = (f"<h2>Attempts over time</h2><div class=legend><span style='background:#3b82f6'></span>success"
-                     f"<span style='background:#ef4444'></span>failed<span style='background:#f59e0b'></span>partial / cancelled"
-                     f" <span class=muted style='background:none'>(0 – {span:.2f} s)</span></div><div class=wf>{bars}</div>")
+        waterfall = (f"<h2>Attempts over time</h2><div class=legend><i style='background:#3b82f6'></i>success"
+                     f"<i style='background:#ef4444'></i>failed<i style='background:#f59e0b'></i>partial / cancelled"
+                     f" <span class=muted>· 0 – {span:.2f} s · hover a bar for its receipt, error and charge</span></div>"
+                     f"<div class=wf>{bars}</div>")
     receipt_list = "".join(f"<li><code>{e(str(x))}</code></li>" for x in (r.get("receipts") or [])[:200])
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>Run {e(str(r.get('name', '')))} · tokenforge</title>"
