@@ -13,6 +13,7 @@ import gc
 import inspect
 import logging
 import signal
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -64,6 +65,31 @@ def _span_name(servicer: Any, method: str) -> str:
     return f"{_service_name(type(servicer))}/{method}"
 
 
+_UNAVAILABLE: tuple[type[BaseException], ...] = (ConnectionError, OSError, TimeoutError)
+_last_outage_log = 0.0
+OUTAGE_LOG_INTERVAL_S = 5.0
+
+
+def treat_as_unavailable(*errors: type[BaseException]) -> None:
+    """Exceptions of these types (a database that went away, say) answer UNAVAILABLE so the
+    caller may retry, instead of an opaque internal error."""
+    global _UNAVAILABLE
+    _UNAVAILABLE = (*_UNAVAILABLE, *errors)
+
+
+def _as_tf_error(exc: Exception, where: str) -> TFError:
+    """Any other exception from a handler: logged, and answered without its details."""
+    global _last_outage_log
+    if isinstance(exc, _UNAVAILABLE):
+        now = time.monotonic()
+        if now - _last_outage_log > OUTAGE_LOG_INTERVAL_S:  # one line per interval, not a flood
+            _last_outage_log = now
+            log.warning("%s: a backing service is unavailable: %s: %s", where, type(exc).__name__, exc)
+        return TFError("unavailable", "A backing service is unavailable; retry shortly.")
+    log.exception("%s failed", where)
+    return TFError("internal_error", "Internal error; it has been logged.")
+
+
 def _mark_error(span: trace.Span, err: TFError) -> None:
     span.set_attribute("rpc.grpc.status_code", err.grpc_status.value[0])
     span.set_attribute("error.type", err.code)
@@ -84,7 +110,10 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for item in gen:
                     yield item
-            except TFError as err:
+            except (TFError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                err = exc if isinstance(exc, TFError) else _as_tf_error(exc, _span_name(self, fn.__name__))
                 _mark_error(span, err)
                 code, message, md = _error_status(err)
                 context.set_trailing_metadata(md)
@@ -105,7 +134,10 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
         ) as span:
             try:
                 return await fn(self, request, context)
-            except TFError as err:
+            except (TFError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                err = exc if isinstance(exc, TFError) else _as_tf_error(exc, _span_name(self, fn.__name__))
                 _mark_error(span, err)
                 code, message, md = _error_status(err)
                 context.set_trailing_metadata(md)

@@ -41,7 +41,7 @@ from tokenforge.ledger.core import (
 )
 from tokenforge.ledger.writer import ThreadedWriterGroup, WriterGroup
 from tokenforge.money import Bucket
-from tokenforge.rpc import install_uvloop, rpc_method, serve
+from tokenforge.rpc import install_uvloop, rpc_method, serve, treat_as_unavailable
 from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("tokenforge.ledger")
@@ -670,6 +670,8 @@ def run(settings: Settings) -> int:
         )
         return 2
     install_uvloop()
+    # A database that went away answers UNAVAILABLE (retry), not an opaque internal error.
+    treat_as_unavailable(asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
     if _env_number("TF_LEDGER_WRITER_THREAD", 0):
         # The writers' thread wakes on every database reply; do not let it wait the default
         # 5 ms for the GIL while the gRPC thread is busy.

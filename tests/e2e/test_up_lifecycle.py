@@ -61,3 +61,14 @@ def test_a_killed_up_leaves_postgres_that_the_next_up_adopts_and_stops(tmp_path)
         assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         pass
+
+
+def test_up_stops_when_its_postgres_dies(tmp_path) -> None:
+    import os
+    import signal
+
+    data_dir = tmp_path / "data"
+    stack = start_stack(data_dir)
+    pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    assert stack.proc.wait(30) == 1  # noticed within its 0.5 s watch, then stopped everything
