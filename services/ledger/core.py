@@ -890,4 +890,9 @@ def _receipt_body(op: SettleOp, receipt: ReceiptRow, key: KeyRow, display: HoldR
         ],
     )
     body.setdefault("request_id", receipt.request_id)
+    if receipt.uncollected_nano and isinstance(body.get("attempts"), list):
+        # The final attempt was rated higher than the bucket could pay: it shows what was paid.
+        for attempt in body["attempts"]:
+            if isinstance(attempt, dict) and attempt.get("n") == body.get("final_attempt"):
+                attempt["charged"] = format_nano(receipt.amount_nano)
     return json.dumps(body, separators=(",", ":"))

@@ -401,7 +401,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise TFError("invalid_request", "give key_id, account_id or run_id", "key_id")
         limit = _list_limit(request.limit)
         async with self._pool.acquire() as conn:
-            if request.after and not await store.receipt_exists(conn, request.after):
+            # A cursor from outside this listing is refused exactly like an unknown one, so a
+            # caller cannot learn whether another key's receipt id exists.
+            if request.after and not await store.receipt_exists(
+                conn, request.after, key_id=request.key_id or None, account_id=request.account_id or None
+            ):
                 raise TFError("invalid_request", f"after: no receipt {request.after}", "after")
             rows, has_more = await store.list_receipts(
                 conn,

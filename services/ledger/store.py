@@ -689,8 +689,15 @@ async def list_receipts(
     return [(r["id"], r["body"]) for r in rows[:limit]], has_more
 
 
-async def receipt_exists(conn: asyncpg.Connection, receipt_id: str) -> bool:
-    return bool(await conn.fetchval("SELECT 1 FROM receipts WHERE id = $1", receipt_id))
+async def receipt_exists(
+    conn: asyncpg.Connection, receipt_id: str, *, key_id: str | None = None, account_id: str | None = None
+) -> bool:
+    """Whether the receipt exists (and belongs to the key / account, when given)."""
+    return bool(await conn.fetchval(
+        """SELECT 1 FROM receipts WHERE id = $1 AND ($2::text IS NULL OR key_id = $2)
+             AND ($3::text IS NULL OR account_id = $3)""",
+        receipt_id, key_id, account_id,
+    ))
 
 
 # -- statements ----------------------------------------------------------------------------------

@@ -270,3 +270,20 @@ def test_revoked_key_is_refused_within_the_cache_bound(stack, customer: Customer
     with httpx.Client(base_url=stack.url) as c:
         resp = c.get("/v1/balance", headers={"authorization": f"Bearer {customer.secret}"})
     assert resp.status_code == 401
+
+
+def test_an_upstream_that_outruns_the_hold_is_charged_what_the_balance_allows(stack) -> None:
+    """m-cached reports 3 reasoning tokens on top of max_tokens=1: the cost passes the hold."""
+    rich = make_customer(stack)
+    _, headers = chat(rich, "m-cached", max_tokens=1)
+    r = receipt(rich, headers["x-tf-receipt-id"])
+    held, cost_full = Decimal(r["held"]), Decimal(r["amount"])
+    assert cost_full > held and Decimal(r["uncollected"]) == 0  # the rest came from the balance
+
+    poor = make_customer(stack, wallet=str(held))
+    _, headers = chat(poor, "m-cached", max_tokens=1)
+    r = receipt(poor, headers["x-tf-receipt-id"])
+    assert Decimal(r["amount"]) == held
+    assert Decimal(r["uncollected"]) == cost_full - held
+    assert Decimal(r["attempts"][-1]["charged"]) == held  # what the bucket paid, not the rating
+    assert poor.wallet() == 0

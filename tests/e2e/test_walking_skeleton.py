@@ -165,3 +165,15 @@ def test_receipts_of_another_key_are_invisible(stack, customer: Customer) -> Non
     other = make_customer(stack)
     with other.client() as c:
         assert c.get(f"/v1/receipts/{receipt_id}").status_code == 404
+
+
+def test_a_receipt_cursor_of_another_key_is_refused_like_an_unknown_one(stack, customer: Customer) -> None:
+    raw = customer.openai().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    theirs = raw.headers["x-tf-receipt-id"]
+    other = make_customer(stack)
+    with other.client() as c:
+        foreign = c.get(f"/v1/receipts?after={theirs}")
+        unknown = c.get("/v1/receipts?after=rcpt_doesnotexist")
+    assert foreign.status_code == unknown.status_code == 400
+    assert foreign.json()["error"]["param"] == unknown.json()["error"]["param"] == "after"
