@@ -15,6 +15,10 @@ with a wallet top-up and a `routed` key, then in one run:
       p50/p99 of the stack minus straight;
   (c) time to first byte of a streaming completion, both ways, at one client (--streams).
 
+Order: a warm-up (--warmup requests at --clients, to a steady state), a wait until the stack
+is idle, then (b), (c) and (a) last, so that PostgreSQL's vacuum and checkpoint after the
+burst are not billed to the one-client phases.
+
 Afterwards it checks conservation: the wallet decreased by exactly the sum of the receipts'
 amounts (paged through GET /admin/v1/accounts/{id}/receipts), nothing is held, one receipt per
 request, and GET /admin/v1/audit is ok.
@@ -63,6 +67,9 @@ MAX_TOKENS = 16                        # the sim answers min(24, max_tokens) tok
 WALLET_TOPUP = "1000.00"
 SERVICES = ("edge", "router", "metering", "ledger", "sim-upstream")
 RECEIPT_PAGE = 100
+QUIET_WAIT_S = 30.0      # at most this long for the stack to go idle after the warm-up
+QUIET_WINDOW_S = 0.5
+QUIET_CPU_SHARE = 0.05   # idle: the stack's processes together use under 5% of one core
 
 
 def chat_body(model: str, stream: bool) -> bytes:
@@ -339,6 +346,9 @@ class Bench:
         self.url = {"straight": self.sim_url, "stack": stack.url}
         self.procs = stack_processes(stack)
         self.stack_requests = 0
+        self.profile_dir = pathlib.Path(args.profile) if args.profile else pathlib.Path()
+        if args.profile:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
 
     def _sim_url(self) -> str:
         for child in self.stack.children():
@@ -362,43 +372,57 @@ class Bench:
             print(f"  {name}: non-200 answers {errors}", file=sys.stderr)
         return Phase(name, n, wall, lat, ttfb, errors, loadgen, {k: after[k] - before.get(k, 0.0) for k in after})
 
+    async def settle_down(self, limit_s: float = QUIET_WAIT_S) -> float:
+        """Wait until the stack is idle (after a burst PostgreSQL keeps vacuuming and
+        checkpointing for seconds, which would be billed to the next, sequential phase)."""
+        started = time.monotonic()
+        while time.monotonic() - started < limit_s:
+            refresh_postgres(self.stack, self.procs)
+            before = cpu_snapshot(self.procs)
+            await asyncio.sleep(QUIET_WINDOW_S)
+            busy = sum(cpu_snapshot(self.procs).values()) - sum(before.values())
+            if busy / QUIET_WINDOW_S < QUIET_CPU_SHARE:
+                break
+        return time.monotonic() - started
+
     async def run(self) -> dict[str, Phase]:
         a = self.args
-        # Warm both paths (connections, caches, JIT-free but lazy imports, pg plans).
+        # Warm both paths to a steady state: connections and pools at full size, HTTP/2
+        # flow-control windows grown, caches and prepared statements filled.
         await self.phase("warm", "straight", False, a.warmup, a.clients)
         await self.phase("warm", "stack", False, a.warmup, a.clients)
         await self.phase("warm", "stack", True, 50, 1)
         results: dict[str, Phase] = {}
-        results["tput straight"] = await self.phase("tput straight", "straight", False, a.requests, a.clients)
-        results["tput stack"] = await self.phase("tput stack", "stack", False, a.requests, a.clients)
+        # One client first, on an idle stack; the throughput burst last.
+        waited = await self.settle_down()
+        print(f"stack idle after {waited:.1f} s", flush=True)
         results["seq straight"] = await self.phase("seq straight", "straight", False, a.sequential, 1)
         results["seq stack"] = await self.phase("seq stack", "stack", False, a.sequential, 1)
         results["ttfb straight"] = await self.phase("ttfb straight", "straight", True, a.streams, 1)
         results["ttfb stack"] = await self.phase("ttfb stack", "stack", True, a.streams, 1)
+        results["tput straight"] = await self.phase("tput straight", "straight", False, a.requests, a.clients)
+        results["tput stack"] = await self.phase("tput stack", "stack", False, a.requests, a.clients)
         if a.profile:
-            await self.profile(pathlib.Path(a.profile))
+            await self.profile(self.profile_dir)
         return results
 
     async def profile(self, out: pathlib.Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        spies = []
+        """py-spy on every Python service while the stack is under the throughput load."""
         seconds = max(3, int(self.args.requests / 400))
+        spies = []
         for name in SERVICES:
             for p in self.procs[name]:
-                spies.append(subprocess.Popen(
-                    ["py-spy", "record", "--pid", str(p.pid), "--rate", "200", "--duration", str(seconds),
-                     "--nonblocking", "--format", "flamegraph", "-o", str(out / f"{name}.svg")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                spies.append(subprocess.Popen(
-                    ["py-spy", "record", "--pid", str(p.pid), "--rate", "200", "--duration", str(seconds),
-                     "--nonblocking", "--format", "raw", "-o", str(out / f"{name}.txt")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                for fmt, ext in (("flamegraph", "svg"), ("raw", "txt")):
+                    spies.append(await asyncio.create_subprocess_exec(
+                        "py-spy", "record", "--pid", str(p.pid), "--rate", "200", "--duration", str(seconds),
+                        "--nonblocking", "--format", fmt, "-o", str(out / f"{name}.{ext}"),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         await asyncio.sleep(0.5)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             await self.phase("profile", "stack", False, 500, self.args.clients)
         for spy in spies:
-            spy.wait()
+            await spy.wait()
         print(f"\npy-spy profiles in {out} (flame graphs *.svg, collapsed stacks *.txt)")
 
 
@@ -447,8 +471,12 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         customer = make_customer(stack)
         bench = Bench(stack, customer, args)
+        import importlib.util
+
+        code = importlib.util.find_spec("tokenforge")
         print(f"edge {stack.url}, simulator {bench.sim_url}; python {sys.version.split()[0]}, "
-              f"{os.cpu_count()} cores", flush=True)
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before the run; "
+              f"tokenforge from {pathlib.Path(code.origin).parent if code and code.origin else '?'}", flush=True)
         results = await bench.run()
         report(results, args.clients)
         problems = check_conservation(stack, customer, bench.stack_requests)
@@ -473,7 +501,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--sequential", type=int, default=500)
     parser.add_argument("--streams", type=int, default=500)
-    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--profile", metavar="DIR", help="also record py-spy profiles of each service")
     parser.add_argument("--export-spans", action="store_true", help="export spans over OTLP/HTTP (to a sink)")
     args = parser.parse_args()
