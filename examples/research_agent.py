@@ -76,8 +76,8 @@ async def research(url: str, api_key: str, *, budget_wallet: str = "1.00", out: 
             raise SystemExit(f"could not start the run: {created.status_code} {created.text}")
         run = created.json()
         est = run["estimate"]
-        print(f"run {run['id']}: estimate wallet {est['wallet']['low']} – {est['wallet']['expected']} – "
-              f"{est['wallet']['high']} CNY, credit {est['credit']['high']} CREDIT at most", file=out)
+        print(f"run {run['id']}: estimate wallet low {est['wallet']['low']}, expected {est['wallet']['expected']}, "
+              f"high {est['wallet']['high']} CNY; credit at most {est['credit']['high']} CREDIT", file=out)
         for w in run["warnings"]:
             print(f"  warning {w['code']}: {w['message']}", file=out)
         if any(w["code"] == "insufficient_balance" for w in run["warnings"]):

@@ -13,28 +13,36 @@ from typing import Any
 import httpx
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("TF_EDGE_URL", "http://127.0.0.1:8080"),
+def add_connection_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """The options every command that talks to a stack takes. With `suppress`, a repeat on a
+    subcommand: given there it wins, absent it leaves the value given before the subcommand."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--url", default=default(os.environ.get("TF_EDGE_URL", "http://127.0.0.1:8080")),
                         help="the edge URL (default $TF_EDGE_URL or http://127.0.0.1:8080)")
-    parser.add_argument("--admin-token", default=None,
+    parser.add_argument("--admin-token", default=default(None),
                         help="admin token (default $TF_ADMIN_TOKEN or DATA_DIR/admin-token)")
-    parser.add_argument("--data-dir", default="./.tokenforge", help="where `up` wrote admin-token")
-    parser.add_argument("--api-key", default=os.environ.get("TOKENFORGE_API_KEY"),
+    parser.add_argument("--data-dir", default=default("./.tokenforge"), help="where `up` wrote admin-token")
+    parser.add_argument("--api-key", default=default(os.environ.get("TOKENFORGE_API_KEY")),
                         help="an API key, for commands a key may run itself")
-    parser.add_argument("--json", action="store_true", help="print raw JSON")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print raw JSON")
 
 
 def add_arguments(admin: argparse.ArgumentParser) -> None:
     add_connection_arguments(admin)
+    conn = argparse.ArgumentParser(add_help=False)
+    add_connection_arguments(conn, suppress=True)
     sub = admin.add_subparsers(dest="admin_command", required=True)
     acct = sub.add_parser("account", help="accounts")
     acct_sub = acct.add_subparsers(dest="action", required=True)
-    create = acct_sub.add_parser("create")
+    create = acct_sub.add_parser("create", parents=[conn])
     create.add_argument("name")
-    show = acct_sub.add_parser("show")
+    show = acct_sub.add_parser("show", parents=[conn])
     show.add_argument("account_id")
 
-    topup = sub.add_parser("topup", help="add money to a bucket")
+    topup = sub.add_parser("topup", help="add money to a bucket", parents=[conn])
     topup.add_argument("account_id")
     topup.add_argument("bucket", choices=["wallet", "credit"])
     topup.add_argument("amount", help='a decimal string, e.g. "10.00"')
@@ -42,7 +50,7 @@ def add_arguments(admin: argparse.ArgumentParser) -> None:
 
     key = sub.add_parser("key", help="API keys")
     key_sub = key.add_subparsers(dest="action", required=True)
-    kc = key_sub.add_parser("create")
+    kc = key_sub.add_parser("create", parents=[conn])
     kc.add_argument("--account", required=True)
     kc.add_argument("--name", required=True)
     kc.add_argument("--route-policy", choices=["routed", "direct", "auto"], default="routed")
@@ -51,15 +59,15 @@ def add_arguments(admin: argparse.ArgumentParser) -> None:
     kc.add_argument("--wallet-total", default=None)
     kc.add_argument("--credit-daily", default=None)
     kc.add_argument("--credit-total", default=None)
-    kr = key_sub.add_parser("revoke")
+    kr = key_sub.add_parser("revoke", parents=[conn])
     kr.add_argument("key_id")
-    kl = key_sub.add_parser("list")
+    kl = key_sub.add_parser("list", parents=[conn])
     kl.add_argument("--account", required=True)
 
-    bal = sub.add_parser("balances", help="an account's buckets")
+    bal = sub.add_parser("balances", help="an account's buckets", parents=[conn])
     bal.add_argument("account_id")
-    sub.add_parser("audit", help="check every balance against its postings")
-    st = sub.add_parser("statement", help="an account's statement")
+    sub.add_parser("audit", help="check every balance against its postings", parents=[conn])
+    st = sub.add_parser("statement", help="an account's statement", parents=[conn])
     st.add_argument("account_id")
     st.add_argument("--limit", type=int, default=50)
     st.add_argument("--after", default="")
@@ -142,8 +150,9 @@ def run_admin(ns: argparse.Namespace) -> int:
         return 0 if data["ok"] else 1
     elif cmd == "statement":
         data = _request(ns, "GET", f"/admin/v1/accounts/{ns.account_id}/statement?limit={ns.limit}&after={ns.after}")
+        head = f"{'at':32} {'kind':12} {'bucket':7} {'amount':>18} {'balance':>18} receipt"
         rows = [f"{e['at']:32} {e['kind']:12} {e['bucket'] or '':7} {e['amount']:>18} {e['balance']:>18} {e['receipt_id'] or ''}" for e in data["data"]]
-        _print(ns, data, "\n".join(rows) or "no entries")
+        _print(ns, data, "\n".join([head, *rows]) if rows else "no entries")
     return 0
 
 

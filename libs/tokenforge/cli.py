@@ -26,7 +26,8 @@ def _serve(name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    for noisy in ("pgserver", "httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )

@@ -26,5 +26,7 @@ async def main(ns: argparse.Namespace) -> int:
         key = (await http.post("/admin/v1/keys", json={"account_id": acct["id"], "name": "research-agent",
                                                        "route_policy": "auto"})).json()
     print(f"demo account {acct['id']} (wallet 5.00 CNY, credit 1.00 CREDIT), key {key['id']} (policy auto)")
+    # A fresh demo key: printed so the run report (terminal and page) can be opened with it.
+    print(f"demo key secret: {key['key']}")
     await research(url, key["key"])
     return 0

@@ -9,6 +9,7 @@ PostgreSQL, and leaves no process behind. Children also get SIGTERM if `up` itse
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import pathlib
 import secrets
@@ -28,6 +29,7 @@ STOP_TIMEOUT_S = 10.0
 START_ORDER = ("sim-upstream", "ledger", "metering", "router", "edge")
 STOP_WAVES = (("edge",), ("router",), ("metering", "ledger", "sim-upstream"))
 PR_SET_PDEATHSIG = 1
+LOCK_FILE = "up.lock"
 # gRPC's EventEngine TCP client and listener (on by default since grpcio 1.6x) hand every
 # message between its own threads and the completion queue: ~16 syscalls per unary call on
 # the client, ~30 on the server. The classic iomgr TCP path, still in grpcio and its default
@@ -102,6 +104,7 @@ class Stack:
         self.children: list[Child] = []
         self.pg = None
         self.stopping = threading.Event()
+        self._lock_fd: int | None = None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -121,8 +124,30 @@ class Stack:
         env.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
         return env
 
+    def _lock_data_dir(self) -> None:
+        """One `up` per data folder: a second one would share (and then stop) the first's
+        PostgreSQL. The lock dies with the process; the file is removed on a clean stop."""
+        path = self.data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(f"tokenforge up: another `tokenforge up` is using {self.data_dir}; "
+                             "stop it first, or pass another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            (self.data_dir / LOCK_FILE).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def start(self) -> dict[str, str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         (self.data_dir / "logs").mkdir(exist_ok=True)
         env = self._env()
         try:
@@ -195,6 +220,7 @@ class Stack:
         if self.pg is not None:
             self.pg.stop()
             self.pg = None
+        self._unlock_data_dir()
 
     def database_alive(self) -> bool:
         return self.pg is None or self.pg.alive()

@@ -47,3 +47,12 @@ def test_receipt_and_run_report_print_for_people(stack) -> None:
     assert "slow-a" in text and "timeout" in text and "cheap-b" in text and "fallback from slow-a" in text
     report = tf(stack, "run", "report", run["id"], api_key=c.secret)
     assert run["id"] in report and "lookup" in report and "Totals" in report
+
+
+def test_connection_options_work_after_the_subcommand_too(stack) -> None:
+    out = subprocess.run([sys.executable, "-m", "tokenforge.cli", "admin", "account", "create", "late-opts",
+                          "--url", stack.url, "--admin-token", stack.admin_token],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"acct_\w+", out.stdout)
+    assert "HTTP Request" not in out.stderr  # no client chatter

@@ -17,7 +17,7 @@ def test_demo_runs_to_completion_with_timeouts_retries_and_fallbacks(tmp_path) -
         )
         assert out.returncode == 0, out.stdout + out.stderr
         text = out.stdout
-        assert "estimate wallet" in text
+        assert "estimate wallet low" in text and "demo key secret: sk-tf-" in text
         for step in ("market data", "analysis", "risks", "summary"):
             assert step in text
         # the report's totals table: 11 calls, and the flaky/503 channels forced retries and fallbacks

@@ -72,3 +72,22 @@ def test_up_stops_when_its_postgres_dies(tmp_path) -> None:
     pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     assert stack.proc.wait(30) == 1  # noticed within its 0.5 s watch, then stopped everything
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused_and_harms_nothing(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import httpx
+
+    data_dir = tmp_path / "data"
+    first = start_stack(data_dir)
+    try:
+        second = subprocess.run([sys.executable, "-m", "tokenforge.cli", "up", "--data-dir", str(data_dir),
+                                 "--http-port", "0"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "another `tokenforge up` is using" in second.stderr + second.stdout
+        assert httpx.get(first.url + "/health").status_code == 200
+    finally:
+        assert first.stop() == 0
+    assert not (data_dir / "up.lock").exists()
