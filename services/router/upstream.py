@@ -264,29 +264,34 @@ async def open_stream(
     pool: UpstreamPool, channel: Channel, body: dict[str, Any], request_id: str, attempt: int, timeout_s: float
 ) -> OpenStream:
     """Start a streaming completion and wait for its first event; raises AttemptFailed.
-    `timeout_s` bounds the wait for the first event, then each wait for the next bytes."""
+    `timeout_s` bounds the connect, the wait for the response, the wait for the first event,
+    then each wait for more bytes."""
     session = pool.session(channel)
     try:
-        async with asyncio.timeout(timeout_s):
-            resp = await session.post(
-                pool.url(channel),
-                data=json_bytes(body),
-                headers=_headers(channel, request_id, attempt),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
-                allow_redirects=False,
-            )
-            try:
-                if resp.status != 200:
-                    raw = await _read_bounded(resp, MAX_ERROR_BODY_BYTES)
-                    raise classify_status(resp.status, resp.headers, (raw or b"").decode(errors="replace"))
-                lines = _sse_lines(resp)
-                first = None
-                async for event in _sse_events(lines):
-                    first = event
-                    break
-            except BaseException:
-                resp.close()
-                raise
+        resp = await session.post(
+            pool.url(channel),
+            data=json_bytes(body),
+            headers=_headers(channel, request_id, attempt),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
+            allow_redirects=False,
+        )
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise classify_transport(exc, timeout_s) from exc
+    try:
+        if resp.status != 200:
+            raw = await _read_bounded(resp, MAX_ERROR_BODY_BYTES)
+            raise classify_status(resp.status, resp.headers, (raw or b"").decode(errors="replace"))
+        lines = _sse_lines(resp)
+        first = None
+        # sock_read bounds each read; this bounds an upstream that sends bytes but no event.
+        async with asyncio.timeout(timeout_s):
+            async for event in _sse_events(lines):
+                first = event
+                break
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        resp.close()
+        raise classify_transport(exc, timeout_s) from exc
+    except BaseException:
+        resp.close()
+        raise
     return OpenStream(resp, lines, first, timeout_s)
