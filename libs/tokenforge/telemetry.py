@@ -74,6 +74,11 @@ def _configured_sampler() -> Sampler:
     return ParentBased(ALWAYS_ON)
 
 
+def exporting() -> bool:
+    """Whether spans leave this process (the standard OTLP variables are set)."""
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
 def setup_tracing(service_name: str, *processors: SpanProcessor) -> TracerProvider:
     """Install the global tracer provider for this process."""
     provider = TracerProvider(
