@@ -65,13 +65,18 @@ async def _call(client: AsyncOpenAI, run_id: str, section: Section, prompt: str,
         bar.update(1)
 
 
-async def research(url: str, api_key: str, *, budget_wallet: str = "1.00", out: Any = sys.stdout) -> dict[str, Any]:
+async def research(url: str, api_key: str, *, budget_wallet: str | None = None, out: Any = sys.stdout) -> dict[str, Any]:
     """Run the whole workflow; returns the run report. Raises SystemExit(2) when the balance
     cannot cover the high estimate."""
     headers = {"authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
-        created = await http.post("/v1/runs", json={"name": f"research: {TOPIC}", "budget": {"wallet": budget_wallet},
-                                                    "plan": plan()})
+        body: dict[str, Any] = {"name": f"research: {TOPIC}", "plan": plan()}
+        if budget_wallet:
+            body["budget"] = {"wallet": budget_wallet}  # held up front; calls past it are refused
+        created = await http.post("/v1/runs", json=body)
+        if created.status_code == 402:
+            print(f"the run's budget cannot be held: {created.json()['error']['message']}", file=out)
+            raise SystemExit(2)
         if created.status_code != 201:
             raise SystemExit(f"could not start the run: {created.status_code} {created.text}")
         run = created.json()
@@ -110,8 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8080")
     parser.add_argument("--api-key", required=True)
+    parser.add_argument("--budget", default=None, help='a wallet budget for the run, e.g. "0.50"')
     ns = parser.parse_args()
-    asyncio.run(research(ns.url, ns.api_key))
+    asyncio.run(research(ns.url, ns.api_key, budget_wallet=ns.budget))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ class RecordAlways(Sampler):
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
         if result.decision == Decision.DROP:
-            return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+            # A DROP result carries no attributes, and the SDK gives the span the result's
+            # attributes: hand the span's own back, or a recorded-only span starts empty.
+            return SamplingResult(Decision.RECORD_ONLY, attributes, result.trace_state)
         return result
 
     def get_description(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.conftest import make_customer
 from tests.stackproc import start_stack
 
 
@@ -27,5 +28,15 @@ def test_demo_runs_to_completion_with_timeouts_retries_and_fallbacks(tmp_path) -
         assert calls == 11 and failed == 6 and attempts == calls + failed
         assert retries == 3 and fallbacks == 3
         assert "report page:" in text and "failed call" not in text
+
+        # A balance that cannot cover the high estimate: the agent prints why and never starts.
+        poor = make_customer(stack, wallet="0.001000", credit=None, route_policy="routed")
+        out = subprocess.run([sys.executable, "-m", "tokenforge.examples.research_agent", "--url", stack.url,
+                              "--api-key", poor.secret], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "warning insufficient_balance" in out.stdout and "not starting" in out.stdout
+        with poor.client() as http:
+            assert http.get("/v1/receipts").json()["data"] == []
+        assert poor.balance()["buckets"]["wallet"]["held"] == "0"
     finally:
         assert stack.stop() == 0

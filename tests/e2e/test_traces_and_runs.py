@@ -158,3 +158,27 @@ def test_runs_are_private_to_their_key(stack, customer: Customer) -> None:
     other = make_customer(stack)
     with other.client() as http:
         assert http.get(f"/v1/runs/{run['id']}").status_code == 404
+
+
+def test_receipts_do_not_depend_on_sampling(tmp_path) -> None:
+    """Sampling at 0 %: nothing is exported, yet every receipt still has its attempt chain."""
+    import time
+
+    from tests.conftest import E2E_CATALOG
+    from tests.stackproc import start_stack
+
+    receiver = Receiver()
+    stack = start_stack(tmp_path / "data", catalog=E2E_CATALOG, env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
+    try:
+        c = make_customer(stack)
+        _, headers = chat(c, "m-500")
+        r = receipt(c, headers["x-tf-receipt-id"])
+        assert [a["outcome"] for a in r["attempts"]] == ["http_error", "success"]
+        assert all(len(a["span_id"]) == 16 for a in r["attempts"])
+        time.sleep(0.5)  # several export intervals: a sampled span would have arrived by now
+        assert receiver.spans.get(r["trace_id"]) is None
+    finally:
+        stack.stop()
+        receiver.close()
