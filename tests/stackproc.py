@@ -6,7 +6,6 @@ import os
 import pathlib
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +15,10 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+from tokenforge.stack import free_port
+
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -99,6 +99,18 @@ def _mark_error(span: trace.Span, err: TFError) -> None:
     span.set_status(Status(StatusCode.ERROR, err.code))
 
 
+async def _abort(exc: Exception, context: grpc.aio.ServicerContext, span: trace.Span | None, where: str) -> None:
+    """End the call with the status (and error word) that `exc` stands for."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on its own
+        raise exc
+    err = exc if isinstance(exc, TFError) else _as_tf_error(exc, where)
+    if span is not None:
+        _mark_error(span, err)
+    code, message, md = _error_status(err)
+    context.set_trailing_metadata(md)
+    await context.abort(code, message)
+
+
 def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method: a SERVER span in the caller's trace, TFError → gRPC status."""
     if inspect.isasyncgenfunction(fn):
@@ -116,13 +128,7 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
                 async for item in gen:
                     yield item
             except (TFError, Exception) as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                err = exc if isinstance(exc, TFError) else _as_tf_error(exc, _span_name(self, fn.__name__))
-                _mark_error(span, err)
-                code, message, md = _error_status(err)
-                context.set_trailing_metadata(md)
-                await context.abort(code, message)
+                await _abort(exc, context, span, _span_name(self, fn.__name__))
             finally:
                 # A client that went away closes us at a yield: close the inner generator
                 # now, so it settles what it started instead of waiting for the GC.
@@ -139,12 +145,7 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return await fn(self, request, context)
             except (TFError, Exception) as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                err = exc if isinstance(exc, TFError) else _as_tf_error(exc, _span_name(self, fn.__name__))
-                code, message, md = _error_status(err)
-                context.set_trailing_metadata(md)
-                await context.abort(code, message)
+                await _abort(exc, context, None, _span_name(self, fn.__name__))
             finally:
                 otel_context.detach(token)
         with _tracer.start_as_current_span(
@@ -154,13 +155,7 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return await fn(self, request, context)
             except (TFError, Exception) as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                err = exc if isinstance(exc, TFError) else _as_tf_error(exc, _span_name(self, fn.__name__))
-                _mark_error(span, err)
-                code, message, md = _error_status(err)
-                context.set_trailing_metadata(md)
-                await context.abort(code, message)
+                await _abort(exc, context, span, _span_name(self, fn.__name__))
 
     return wrapper
 

@@ -509,14 +509,11 @@ class Router:
         finally:
             t.span.end()
 
-    # ---- unary -----------------------------------------------------------------------------
-
-    async def chat(self, metadata: Any, pb: router_pb2.ChatCompletionRequest) -> tuple[router_pb2.ChatCompletionResponse, Any]:
-        key = await self.authenticate(metadata)
-        req = parse_chat_request(pb.body_json, streaming_call=False)
-        t = await self._admit(key, req, pb, None)
+    async def _attempts_or_settle(self, t: Ticket, run_one: Callable[[Ticket, Eligible, int, int], Awaitable[T]]) -> T:
+        """The attempt loop; when it ends without an answer the request is settled here
+        (`failed`, or `cancelled` if the caller went away) and the client's error raised."""
         try:
-            done = await self._attempt_loop(t, self._attempt_unary)
+            return await self._attempt_loop(t, run_one)
         except (AllFailed, AttemptFailed) as exc:
             try:
                 err = await self._shielded(self._settle_failure(t, exc))
@@ -526,6 +523,14 @@ class Router:
         except BaseException:
             self._in_background(self._finish_abandoned(t))
             raise
+
+    # ---- unary -----------------------------------------------------------------------------
+
+    async def chat(self, metadata: Any, pb: router_pb2.ChatCompletionRequest) -> tuple[router_pb2.ChatCompletionResponse, Any]:
+        key = await self.authenticate(metadata)
+        req = parse_chat_request(pb.body_json, streaming_call=False)
+        t = await self._admit(key, req, pb, None)
+        done = await self._attempts_or_settle(t, self._attempt_unary)
         try:
             settlement = await self._shielded(self._settle(t, "settled", done))
         finally:
@@ -571,17 +576,7 @@ class Router:
             except BaseException:
                 self._in_background(self._finish_abandoned(t))
                 raise
-        try:
-            el, n, span, upstream = await self._attempt_loop(t, self._attempt_stream_open)
-        except (AllFailed, AttemptFailed) as exc:
-            try:
-                err = await self._shielded(self._settle_failure(t, exc))
-            finally:
-                t.span.end()
-            raise err from None
-        except BaseException:
-            self._in_background(self._finish_abandoned(t))
-            raise
+        el, n, span, upstream = await self._attempts_or_settle(t, self._attempt_stream_open)
 
         state = _StreamState()
         try:
