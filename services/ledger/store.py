@@ -69,7 +69,17 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 #   measured, the batch read then scanned all of `receipts` and `holds` on every batch (about
 #   800 rows read per hold + capture pair after 10 s on the hot account, PostgreSQL CPU per
 #   pair 0.56 ms against 0.30 ms on spread accounts whose tables had statistics).
-WRITER_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
+# - enable_mergejoin, enable_hashjoin: for the same reason the conditional UPDATEs (`FROM
+#   unnest(...) WHERE table.key = u.key`) were planned as a merge join over a full index scan
+#   of `holds` (perf on the writer's backend: 18-23 % of its CPU in heap_hot_search_buffer
+#   under ExecMergeJoin/IndexNext). A batch touches at most a few hundred rows, each by a
+#   unique key: a nested loop of index lookups is the right plan at any table size.
+WRITER_SETTINGS = {
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+    "enable_mergejoin": "off",
+    "enable_hashjoin": "off",
+}
 
 
 async def init_writer_connection(conn: asyncpg.Connection) -> None:
