@@ -265,8 +265,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise TFError("invalid_request", "key_id is required", "key_id")
         async with self._pool.acquire() as conn:
             key = await store.revoke_key(conn, request.key_id)
+            runs = await store.open_runs_of_key(conn, request.key_id) if key is not None else []
         if key is None:
             raise TFError("not_found", f"no key {request.key_id}", "key_id")
+        # A revoked key can no longer close its runs: close them now, so their budgets go
+        # back to the account instead of staying held until they expire. Requests already
+        # admitted in them still settle (closing never takes a hold away).
+        for run_id, account_id in runs:
+            await self._writers.submit(CloseRunOp(account_id, run_id, None))
         return _key_pb(key)
 
     @rpc_method

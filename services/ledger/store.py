@@ -653,6 +653,12 @@ async def account_of_run(conn: asyncpg.Connection, run_id: str) -> str | None:
     return await conn.fetchval("SELECT account_id FROM runs WHERE id = $1", run_id)
 
 
+async def open_runs_of_key(conn: asyncpg.Connection, key_id: str) -> list[tuple[str, str]]:
+    """(run id, account id) of the key's runs that are still open."""
+    rows = await conn.fetch("SELECT id, account_id FROM runs WHERE key_id = $1 AND status = 'open'", key_id)
+    return [(r["id"], r["account_id"]) for r in rows]
+
+
 async def expired_holds(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT account_id, request_id, bucket FROM holds

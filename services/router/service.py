@@ -77,6 +77,7 @@ class Ticket:
     max_output_per_choice: int
     receipt_id: str = ""
     prompt_tokens: int = 0
+    pending_hold: tuple[Bucket, int, asyncio.Future[Any]] | None = None
     holds: dict[Bucket, int] = field(default_factory=dict)
     attempts: int = 0
 
@@ -193,6 +194,10 @@ class Router:
             if ticket.run_id and err.code in REFUSAL_CODES:
                 await self._record_refusal(ticket, err.code)
             raise
+        except BaseException:
+            # The caller went away while we priced or held: release whatever got held.
+            self._in_background(self._finish_abandoned(ticket))
+            raise
         return ticket
 
     async def _hold(self, t: Ticket, el: Eligible) -> None:
@@ -214,7 +219,7 @@ class Router:
             t.ctx,
         )
         t.prompt_tokens = quote.prompt_tokens
-        held = await self.backends.call(
+        call = asyncio.ensure_future(self.backends.call(
             self.backends.ledger.Hold,
             ledger_pb2.HoldRequest(
                 request_id=t.request_id,
@@ -226,7 +231,16 @@ class Router:
                 ttl_s=int(self.request_deadline_s) + HOLD_MARGIN_S,
             ),
             t.ctx,
-        )
+        ))
+        # If the caller goes away meanwhile, the hold may still be taken: it is shielded and
+        # remembered, so whoever settles the abandoned request waits for it and releases it.
+        t.pending_hold = (channel.bucket, quote.amount_nano, call)
+        try:
+            held = await asyncio.shield(call)
+        except TFError:
+            t.pending_hold = None  # refused: nothing held
+            raise
+        t.pending_hold = None
         assert not held.replayed, "request ids are fresh per request"
         t.holds[channel.bucket] = quote.amount_nano
 
@@ -503,6 +517,16 @@ class Router:
     async def _finish_abandoned(self, t: Ticket) -> None:
         """The caller went away before an answer: release everything, `cancelled` receipt."""
         try:
+            if t.pending_hold is not None:
+                bucket, amount_nano, call = t.pending_hold
+                t.pending_hold = None
+                try:
+                    await call
+                    t.holds[bucket] = amount_nano
+                except TFError:
+                    pass  # refused: nothing was held by that call
+            if not t.holds:
+                return  # it went away before any money was held: nothing to settle
             await self._settle(t, "cancelled", None)
         except Exception:
             log.exception("settling abandoned request %s failed; its holds expire on their own", t.request_id)

@@ -133,3 +133,55 @@ def test_names_with_control_characters_are_refused(stack) -> None:
     with stack.admin() as admin:
         resp = admin.post("/admin/v1/accounts", json={"name": "evil\x00name"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "name"
+
+
+def test_clients_leaving_at_any_moment_leave_no_hold_behind(stack) -> None:
+    """Disconnects while the router prices, holds, attempts or settles: every hold taken is
+    released or captured, and the money adds up."""
+    import concurrent.futures
+    import random
+
+    c = make_customer(stack)
+    body = {"model": "m-timeout", "messages": [{"role": "user", "content": "leave"}], "max_tokens": 8}
+
+    def leave(i: int) -> None:
+        rnd = random.Random(i)
+        timeout = rnd.uniform(0.001, 0.08)
+        try:
+            with httpx.Client(base_url=stack.url, timeout=timeout) as http:
+                http.post("/v1/chat/completions", headers={"authorization": f"Bearer {c.secret}"},
+                          json=body | {"stream": rnd.random() < 0.5})
+        except httpx.HTTPError:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        list(pool.map(leave, range(96)))
+    deadline = time.monotonic() + 15
+    while Decimal(c.balance()["buckets"]["wallet"]["held"]) != 0:
+        assert time.monotonic() < deadline, f"holds left behind: {c.balance()['buckets']['wallet']}"
+        time.sleep(0.1)
+    spent = Decimal("10.00") - c.wallet()
+    with c.client() as http:
+        total, after = Decimal(0), ""
+        while True:
+            page = http.get("/v1/receipts", params={"limit": 100, **({"after": after} if after else {})}).json()
+            total += sum(Decimal(r["amount"]) for r in page["data"])
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+    assert total == spent
+    with stack.admin() as admin:
+        assert admin.get("/admin/v1/audit").json()["ok"] is True
+
+
+def test_revoking_a_key_releases_its_open_runs(stack) -> None:
+    c = make_customer(stack, wallet="1.00")
+    with c.client() as http:
+        run = http.post("/v1/runs", json={"name": "orphan", "budget": {"wallet": "0.90"}}).json()
+    assert Decimal(c.balance()["buckets"]["wallet"]["held"]) == Decimal("0.90")
+    with stack.admin() as admin:
+        assert admin.post(f"/admin/v1/keys/{c.key_id}/revoke").status_code == 200
+        account = admin.get(f"/admin/v1/accounts/{c.account_id}").json()
+    assert Decimal(account["buckets"]["wallet"]["held"]) == 0
+    assert Decimal(account["buckets"]["wallet"]["available"]) == Decimal("1.00")
+    assert run["id"].startswith("run_")
