@@ -90,7 +90,8 @@ def parse_chat_request(raw: bytes, *, streaming_call: bool | None = None) -> Cha
             raise _invalid(f"`{name}` must be an integer.", name)
         if not 1 <= value <= MAX_TOKENS_FIELD:
             raise _invalid(f"`{name}` must be from 1 to the model's output limit, got {value}.", name)
-        if max_tokens is None:
+        if max_tokens is None or value < max_tokens:
+            # Both given: the smaller binds (and is what the hold covers and upstream gets).
             max_tokens, field = value, name
 
     n = body.get("n", 1)
@@ -150,6 +151,10 @@ def upstream_body(req: ChatRequest, upstream_model: str, max_output_tokens: int)
     body["model"] = upstream_model
     if req.max_tokens is None:
         body[req.max_tokens_field] = max_output_tokens
+    else:
+        for name in ("max_completion_tokens", "max_tokens"):
+            if body.get(name) is not None:
+                body[name] = req.max_tokens  # every cap upstream equals the one held for
     if req.stream:
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
