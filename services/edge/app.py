@@ -106,7 +106,10 @@ class Edge:
         try:
             return await method(message, metadata=(*carrier.items(), *metadata), timeout=30)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            err = from_rpc_error(exc)
+            if err.param and err.param.endswith("_nano"):
+                err.param = err.param.removesuffix("_nano")  # the JSON field, not the proto one
+            raise err from None
 
     async def authenticate(self, request: Request) -> ledger_pb2.Key:
         secret = self.bearer(request)
