@@ -28,6 +28,9 @@ def run(settings: Settings) -> int:
         config = uvicorn.Config(
             build_app(edge), host=settings.edge_host, port=settings.edge_port, loop="uvloop", http="httptools",
             log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off",
+            # The edge trusts no forwarding headers (it uses no client address) and sends no
+            # Server header: both are per-request work with nothing to show for it.
+            proxy_headers=False, server_header=False,
         )
         server = uvicorn.Server(config)
         tune_gc()
