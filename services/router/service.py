@@ -25,12 +25,14 @@ from tenacity import (
 
 from tokenforge.catalog import Catalog
 from tokenforge.errors import TFError
-from tokenforge.money import Bucket, format_nano, format_price
+from tokenforge.money import Bucket, format_nano
 from tokenforge.router import spans as attempt_spans
 from tokenforge.router.clients import Backends
 from tokenforge.router.keys import KeyCache, KeyInfo, secret_from_metadata
 from tokenforge.router.policy import Eligible, eligible_channels, visible_models
+from tokenforge.router.receipt import Done, Rated, build_draft
 from tokenforge.router.request import ChatRequest, parse_chat_request, upstream_body
+from tokenforge.router.stream_state import StreamState
 from tokenforge.router.upstream import (
     AttemptFailed,
     OpenStream,
@@ -38,7 +40,7 @@ from tokenforge.router.upstream import (
     open_stream,
     post_json,
 )
-from tokenforge.router.usage import delta_text, message_text, usage_from_openai
+from tokenforge.router.usage import message_text, usage_from_openai
 from tokenforge.telemetry import AttemptCollector, hex_trace_id
 from tokenforge.v1 import common_pb2, ledger_pb2, metering_pb2, router_pb2
 
@@ -80,26 +82,6 @@ class Ticket:
     pending_hold: tuple[Bucket, int, asyncio.Future[Any]] | None = None
     holds: dict[Bucket, int] = field(default_factory=dict)
     attempts: int = 0
-
-
-@dataclass
-class Rated:
-    usage: dict[str, int]
-    usage_source: str
-    amount_nano: int
-    bucket: Bucket
-    price: common_pb2.Price
-    compare_nano: int
-
-
-@dataclass
-class Done:
-    """The attempt whose output the client received."""
-
-    el: Eligible
-    n: int
-    rated: Rated
-    body: dict[str, Any] | None = None
 
 
 class AllFailed(Exception):
@@ -406,53 +388,19 @@ class Router:
     # ---- settlement ------------------------------------------------------------------------
 
     def _receipt_draft(self, t: Ticket, status: str, done: Done | None) -> dict[str, Any]:
-        attempts = [attempt_spans.attempt_from_span(s) for s in self.collector.take(t.span.get_span_context().span_id)]
-        primary = t.eligible[0].channel
-        primary_unit = primary.channel.bucket.unit
-        draft: dict[str, Any] = {
-            "trace_id": hex_trace_id(t.span.get_span_context().trace_id),
-            "request_id": t.request_id,
-            "key": {"id": t.key.id, "name": t.key.name},
-            "account_id": t.key.account_id,
-            "run": {"id": t.run_id, "step": t.run_step or None} if t.run_id else None,
-            "route_policy": t.key.route_policy,
-            "requested_model": t.req.model,
-            "stream": t.req.stream,
-            "status": status,
-            "final_attempt": attempts[-1]["n"] if attempts else 0,
-            "attempts": attempts,
-            "usage": None,
-            "usage_source": None,
-            "price": None,
-        }
-        if done is None:
-            draft["fallback"] = {
-                "used": any(a["role"] == "backup" for a in attempts),
-                "primary_channel": primary.channel.id,
-                "primary_unit": primary_unit,
-                "primary_price_amount": None,
-                "extra_cost": None,
-            }
-            return draft
-        r = done.rated
-        draft["usage"] = {k: r.usage[k] for k in ("input_tokens", "output_tokens", "cached_input_tokens")}
-        draft["usage_source"] = r.usage_source
-        draft["price"] = {
-            "unit": r.bucket.unit,
-            "input": format_price(r.price.input_nano),
-            "output": format_price(r.price.output_nano),
-            "cached_input": format_price(r.price.cached_input_nano),
-        }
-        used = done.el.channel.channel.id != primary.channel.id
-        same_unit = primary_unit == r.bucket.unit
-        draft["fallback"] = {
-            "used": used,
-            "primary_channel": primary.channel.id,
-            "primary_unit": primary_unit,
-            "primary_price_amount": format_nano(r.compare_nano),
-            "extra_cost": format_nano(r.amount_nano - r.compare_nano) if same_unit else None,
-        }
-        return draft
+        ctx = t.span.get_span_context()
+        return build_draft(
+            attempts=[attempt_spans.attempt_from_span(s) for s in self.collector.take(ctx.span_id)],
+            trace_id=hex_trace_id(ctx.trace_id),
+            request_id=t.request_id,
+            key=t.key,
+            run_id=t.run_id,
+            run_step=t.run_step,
+            req=t.req,
+            status=status,
+            primary=t.eligible[0].channel,
+            done=done,
+        )
 
     async def _settle(self, t: Ticket, status: str, done: Done | None) -> router_pb2.Settlement:
         draft = self._receipt_draft(t, status, done)
@@ -602,7 +550,7 @@ class Router:
                 raise
         el, n, span, upstream = await self._attempts_or_settle(t, self._attempt_stream_open)
 
-        state = _StreamState()
+        state = StreamState()
         try:
             async for event in upstream.events():
                 chunk = state.take(event, t.req)
@@ -627,7 +575,7 @@ class Router:
         yield router_pb2.ChatCompletionChunk(settlement=settlement)
 
     async def _finish_stream(
-        self, t: Ticket, el: Eligible, n: int, span: Span, upstream: OpenStream, state: _StreamState, status: str
+        self, t: Ticket, el: Eligible, n: int, span: Span, upstream: OpenStream, state: StreamState, status: str
     ) -> router_pb2.Settlement:
         try:
             await upstream.aclose()
@@ -671,38 +619,3 @@ class Router:
     async def aclose(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=10)
-
-
-class _StreamState:
-    """What has passed through a stream so far."""
-
-    MAX_TEXT_CHARS = 4_000_000
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.chars = 0
-        self.usage_raw: Any = None
-        self.response_model: str | None = None
-        self.broken: str | None = None
-
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def take(self, event: dict[str, Any], req: ChatRequest) -> bytes | None:
-        """Record one upstream chunk; return what the client gets (None: nothing)."""
-        if event.get("usage"):
-            self.usage_raw = event["usage"]
-        model = event.get("model")
-        if isinstance(model, str):
-            self.response_model = model
-        choices = event.get("choices")
-        piece = delta_text(choices)
-        if piece and self.chars < self.MAX_TEXT_CHARS:
-            self.parts.append(piece)
-            self.chars += len(piece)
-        if not choices and event.get("usage") is not None and not req.include_usage:
-            return None
-        if not req.include_usage:
-            event.pop("usage", None)
-        event["model"] = req.model
-        return json.dumps(event, separators=(",", ":")).encode()
