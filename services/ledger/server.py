@@ -163,27 +163,27 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     # -- routing helpers ----------------------------------------------------------------------
 
+    async def _cached_account(self, cache: _BoundedMap, lookup: Any, ref: str, missing: Any) -> str:
+        """The account `ref` belongs to, from `cache` or the database (then cached)."""
+        account_id = cache.get(ref)
+        if account_id is None:
+            async with self._pool.acquire() as conn:
+                account_id = await lookup(conn, ref)
+            if account_id is None:
+                raise missing()  # built only when needed: cache hits are the hot path
+            cache.put(ref, account_id)
+        return account_id
+
     async def _account_of_key(self, key_id: str) -> str:
         if not key_id:
             raise TFError("invalid_request", "key_id is required", "key_id")
-        account_id = self._key_account.get(key_id)
-        if account_id is None:
-            async with self._pool.acquire() as conn:
-                account_id = await store.account_of_key(conn, key_id)
-            if account_id is None:
-                raise TFError("not_found", f"no key {key_id}", "key_id")
-            self._key_account.put(key_id, account_id)
-        return account_id
+        return await self._cached_account(self._key_account, store.account_of_key, key_id,
+                                          lambda: TFError("not_found", f"no key {key_id}", "key_id"))
 
     async def _account_of_request(self, request_id: str) -> str:
-        account_id = self._request_account.get(request_id)
-        if account_id is None:
-            async with self._pool.acquire() as conn:
-                account_id = await store.account_of_request(conn, request_id)
-            if account_id is None:
-                raise TFError("not_found", f"no hold for request {request_id}", "request_id")
-            self._request_account.put(request_id, account_id)
-        return account_id
+        return await self._cached_account(
+            self._request_account, store.account_of_request, request_id,
+            lambda: TFError("not_found", f"no hold for request {request_id}", "request_id"))
 
     async def _account(self, account_id: str) -> store.AccountRecord:
         if not account_id:
