@@ -160,6 +160,64 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+MAX_BATCH_CALLS = 1024
+
+
+async def answer_batch(
+    servicer: Any,
+    calls: Iterable[Any],
+    methods: dict[str, str],
+    outcome_cls: type,
+    context: grpc.aio.ServicerContext,
+) -> list[Any]:
+    """Answer a Batch RPC: each call runs the servicer's own method (the one `rpc_method`
+    wrapped) concurrently with the others, in the caller's trace (its `trace_context`), with
+    a SERVER span of that method's name when spans are exported, exactly as if it had come
+    alone. A call that fails gets its error word in its outcome; the others are unaffected.
+
+    `methods` maps each oneof field of the call to the servicer method it stands for; the
+    outcome's oneof uses the same field names, plus `error`. Only methods that do not use
+    their `context` may be batched (they all share the Batch call's).
+    """
+    calls = list(calls)
+    if len(calls) > MAX_BATCH_CALLS:
+        err = TFError("invalid_request", f"a batch holds at most {MAX_BATCH_CALLS} calls", "calls")
+        await _abort(err, context, None, _span_name(servicer, "Batch"))
+
+    async def one(call: Any) -> Any:
+        field = call.WhichOneof("call")
+        if field not in methods:
+            err = TFError("invalid_request", f"each call needs one of: {', '.join(methods)}", "calls")
+            return outcome_cls(error=common_pb2.CallError(code=err.code, message=err.message, param=err.param or ""))
+        name = methods[field]
+        fn = getattr(type(servicer), name).__wrapped__
+        parent = extract(dict(call.trace_context))
+        where = _span_name(servicer, name)
+        span: trace.Span | None = None
+        token = otel_context.attach(parent)
+        if _server_spans:
+            span = _tracer.start_span(where, context=parent, kind=SpanKind.SERVER,
+                                      attributes={"rpc.system": "grpc", "tf.batched": True})
+            otel_context.detach(token)
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            response = await fn(servicer, getattr(call, field), context)
+            return outcome_cls(**{field: response})
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this call's outcome
+            err = exc if isinstance(exc, TFError) else _as_tf_error(exc, where)
+            if span is not None:
+                _mark_error(span, err)
+            return outcome_cls(error=common_pb2.CallError(code=err.code, message=err.message, param=err.param or ""))
+        finally:
+            otel_context.detach(token)
+            if span is not None:
+                span.end()
+
+    if len(calls) == 1:
+        return [await one(calls[0])]
+    return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
 def outgoing_metadata(extra: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """Metadata for an outgoing call: the current trace context plus `extra`."""
     carrier: dict[str, str] = {}

@@ -22,6 +22,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from tokenforge import GRPC_EXPERIMENTS
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
 
 HEALTH_TIMEOUT_S = 60.0
@@ -30,15 +31,6 @@ START_ORDER = ("sim-upstream", "ledger", "metering", "router", "edge")
 STOP_WAVES = (("edge",), ("router",), ("metering", "ledger", "sim-upstream"))
 PR_SET_PDEATHSIG = 1
 LOCK_FILE = "up.lock"
-# gRPC's EventEngine TCP client and listener (on by default since grpcio 1.6x) hand every
-# message between its own threads and the completion queue: ~16 syscalls per unary call on
-# the client, ~30 on the server. The classic iomgr TCP path, still in grpcio and its default
-# for years before, needs about half on the client; measured on this 2-core machine (4
-# interleaved runs, bench/README.md): client+server CPU per unary call 596 -> 435 us (min),
-# one-client round trip 592 -> 414 us, the whole stack ~13% less CPU per request. Read by
-# grpc at import, so it is set in the children's environment; an operator's own
-# GRPC_EXPERIMENTS wins. An unknown experiment name is logged by grpc and ignored.
-GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
 
 @dataclass
@@ -121,6 +113,7 @@ class Stack:
             TF_CATALOG=self.catalog_path,
             PYTHONUNBUFFERED="1",
         )
+        # the children set it themselves too (tokenforge/__init__.py); this passes ours on
         env.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
         return env
 

@@ -41,7 +41,7 @@ from tokenforge.ledger.core import (
 )
 from tokenforge.ledger.writer import ThreadedWriterGroup, WriterGroup
 from tokenforge.money import Bucket
-from tokenforge.rpc import install_uvloop, rpc_method, serve, treat_as_unavailable
+from tokenforge.rpc import answer_batch, install_uvloop, rpc_method, serve, treat_as_unavailable
 from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("tokenforge.ledger")
@@ -63,6 +63,8 @@ _POLICY_TO_TEXT = {
     common_pb2.ROUTE_POLICY_AUTO: "auto",
 }
 _POLICY_FROM_TEXT = {v: k for k, v in _POLICY_TO_TEXT.items()}
+# LedgerCall's oneof fields → the methods they stand for
+_BATCHED = {"hold": "Hold", "release": "Release", "settle": "Settle"}
 
 
 class _BoundedMap:
@@ -388,6 +390,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             released_nano=result.released_nano,
             replayed=result.replayed,
         )
+
+    async def Batch(self, request: ledger_pb2.LedgerBatchRequest, context: Any) -> ledger_pb2.LedgerBatchResponse:
+        # Each call is answered (and traced) as Hold/Release/Settle would be; started together,
+        # they reach the writer in the same turn and share its next group commit.
+        outcomes = await answer_batch(self, request.calls, _BATCHED, ledger_pb2.LedgerOutcome, context)
+        return ledger_pb2.LedgerBatchResponse(outcomes=outcomes)
 
     # -- receipts and statements --------------------------------------------------------------
 

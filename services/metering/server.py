@@ -17,7 +17,7 @@ from tokenforge.config import Settings
 from tokenforge.errors import TFError
 from tokenforge.metering import core, tokens
 from tokenforge.money import Bucket
-from tokenforge.rpc import install_uvloop, rpc_method, serve
+from tokenforge.rpc import answer_batch, install_uvloop, rpc_method, serve
 from tokenforge.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger("tokenforge.metering")
@@ -44,6 +44,10 @@ def _prompt_tokens(messages_json: bytes, encoding_name: str) -> int:
         return tokens.count_messages_json(messages_json, encoding_name)
     except ValueError as exc:
         raise TFError("invalid_request", f"Cannot count the prompt: {exc}.", "messages") from exc
+
+
+# MeteringCall's oneof fields → the methods they stand for
+_BATCHED = {"quote": "Quote", "rate": "Rate"}
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -87,6 +91,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             response.compare_amount_nano = r.compare_amount_nano
             response.compare_bucket = r.compare_bucket.to_pb()
         return response
+
+    async def Batch(
+        self, request: metering_pb2.MeteringBatchRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.MeteringBatchResponse:
+        outcomes = await answer_batch(self, request.calls, _BATCHED, metering_pb2.MeteringOutcome, context)
+        return metering_pb2.MeteringBatchResponse(outcomes=outcomes)
 
     @rpc_method
     async def CountTokens(

@@ -1,5 +1,8 @@
 """gRPC clients the router uses: the ledger and metering, with failed calls turned back into
-the TFError the service raised, and the caller's trace context in the metadata."""
+the TFError the service raised, and the caller's trace context in the metadata.
+
+The calls every request makes (Quote, Hold, Rate, Settle, Release) go through a `Coalescer`:
+those made in the same event-loop turn share one Batch RPC (see tokenforge.batching)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry.propagate import inject
 
-from tokenforge.errors import TFError, from_rpc_error
+from tokenforge.batching import Coalescer, call_failure
+from tokenforge.errors import TFError
 from tokenforge.rpc import client_channel
-from tokenforge.v1 import ledger_pb2_grpc, metering_pb2_grpc
+from tokenforge.v1 import ledger_pb2, ledger_pb2_grpc, metering_pb2, metering_pb2_grpc
 
 CALL_TIMEOUT_S = 10.0
 
@@ -30,18 +34,31 @@ class Backends:
         self._metering_channel = client_channel(metering_addr)
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._ledger_channel)
         self.metering = metering_pb2_grpc.MeteringServiceStub(self._metering_channel)
+        self.ledger_batch = Coalescer(self.ledger.Batch, ledger_pb2.LedgerCall, ledger_pb2.LedgerBatchRequest)
+        self.metering_batch = Coalescer(self.metering.Batch, metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
+        # stub method → (its coalescer, its field in the service's call message)
+        self._batched: dict[Any, tuple[Coalescer, str]] = {
+            self.ledger.Hold: (self.ledger_batch, "hold"),
+            self.ledger.Release: (self.ledger_batch, "release"),
+            self.ledger.Settle: (self.ledger_batch, "settle"),
+            self.metering.Quote: (self.metering_batch, "quote"),
+            self.metering.Rate: (self.metering_batch, "rate"),
+        }
 
     async def call(self, method: Any, request: Any, ctx: otel_context.Context | None = None,
                    timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        batched = self._batched.get(method)
+        if batched is not None:
+            coalescer, field = batched
+            return await coalescer.call(field, request, ctx, timeout_s)
         try:
             return await method(request, metadata=trace_metadata(ctx), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                # Our own service did not answer: that is not an upstream timeout.
-                raise TFError("unavailable", "A tokenforge service did not answer in time; try again.") from None
-            raise from_rpc_error(exc) from None
+            raise call_failure(exc) from None
 
     async def aclose(self) -> None:
+        await self.ledger_batch.aclose()
+        await self.metering_batch.aclose()
         await self._ledger_channel.close()
         await self._metering_channel.close()
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenforge/v1/common.proto\x12\rtokenforge.v1\"k\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x04 \x01(\x03\"r\n\x05Price\x12%\n\x06\x62ucket\x18\x01 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\x12\x12\n\ninput_nano\x18\x02 \x01(\x03\x12\x13\n\x0boutput_nano\x18\x03 \x01(\x03\x12\x19\n\x11\x63\x61\x63hed_input_nano\x18\x04 \x01(\x03\"^\n\rBucketBalance\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x11\n\theld_nano\x18\x03 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x04 \x01(\x03\"\x88\x01\n\x08\x42\x61lances\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x06wallet\x18\x03 \x01(\x0b\x32\x1c.tokenforge.v1.BucketBalance\x12,\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x1c.tokenforge.v1.BucketBalance\"*\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05param\x18\x02 \x01(\t*F\n\x06\x42ucket\x12\x16\n\x12\x42UCKET_UNSPECIFIED\x10\x00\x12\x11\n\rBUCKET_WALLET\x10\x01\x12\x11\n\rBUCKET_CREDIT\x10\x02*B\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROUTE_ROUTED\x10\x01\x12\x10\n\x0cROUTE_DIRECT\x10\x02*t\n\x0bRoutePolicy\x12\x1c\n\x18ROUTE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTE_POLICY_ROUTED\x10\x01\x12\x17\n\x13ROUTE_POLICY_DIRECT\x10\x02\x12\x15\n\x11ROUTE_POLICY_AUTO\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenforge/v1/common.proto\x12\rtokenforge.v1\"k\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x04 \x01(\x03\"r\n\x05Price\x12%\n\x06\x62ucket\x18\x01 \x01(\x0e\x32\x15.tokenforge.v1.Bucket\x12\x12\n\ninput_nano\x18\x02 \x01(\x03\x12\x13\n\x0boutput_nano\x18\x03 \x01(\x03\x12\x19\n\x11\x63\x61\x63hed_input_nano\x18\x04 \x01(\x03\"^\n\rBucketBalance\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x11\n\theld_nano\x18\x03 \x01(\x03\x12\x16\n\x0e\x61vailable_nano\x18\x04 \x01(\x03\"\x88\x01\n\x08\x42\x61lances\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x06wallet\x18\x03 \x01(\x0b\x32\x1c.tokenforge.v1.BucketBalance\x12,\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x1c.tokenforge.v1.BucketBalance\"9\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"*\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05param\x18\x02 \x01(\t*F\n\x06\x42ucket\x12\x16\n\x12\x42UCKET_UNSPECIFIED\x10\x00\x12\x11\n\rBUCKET_WALLET\x10\x01\x12\x11\n\rBUCKET_CREDIT\x10\x02*B\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROUTE_ROUTED\x10\x01\x12\x10\n\x0cROUTE_DIRECT\x10\x02*t\n\x0bRoutePolicy\x12\x1c\n\x18ROUTE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTE_POLICY_ROUTED\x10\x01\x12\x17\n\x13ROUTE_POLICY_DIRECT\x10\x02\x12\x15\n\x11ROUTE_POLICY_AUTO\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenforge.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUCKET']._serialized_start=549
-  _globals['_BUCKET']._serialized_end=619
-  _globals['_ROUTE']._serialized_start=621
-  _globals['_ROUTE']._serialized_end=687
-  _globals['_ROUTEPOLICY']._serialized_start=689
-  _globals['_ROUTEPOLICY']._serialized_end=805
+  _globals['_BUCKET']._serialized_start=608
+  _globals['_BUCKET']._serialized_end=678
+  _globals['_ROUTE']._serialized_start=680
+  _globals['_ROUTE']._serialized_end=746
+  _globals['_ROUTEPOLICY']._serialized_start=748
+  _globals['_ROUTEPOLICY']._serialized_end=864
   _globals['_USAGE']._serialized_start=45
   _globals['_USAGE']._serialized_end=152
   _globals['_PRICE']._serialized_start=154
@@ -45,6 +45,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUCKETBALANCE']._serialized_end=364
   _globals['_BALANCES']._serialized_start=367
   _globals['_BALANCES']._serialized_end=503
-  _globals['_ERRORDETAIL']._serialized_start=505
-  _globals['_ERRORDETAIL']._serialized_end=547
+  _globals['_CALLERROR']._serialized_start=505
+  _globals['_CALLERROR']._serialized_end=562
+  _globals['_ERRORDETAIL']._serialized_start=564
+  _globals['_ERRORDETAIL']._serialized_end=606
 # @@protoc_insertion_point(module_scope)

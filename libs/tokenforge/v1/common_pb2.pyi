@@ -83,6 +83,16 @@ class Balances(_message.Message):
     credit: BucketBalance
     def __init__(self, account_id: _Optional[str] = ..., name: _Optional[str] = ..., wallet: _Optional[_Union[BucketBalance, _Mapping]] = ..., credit: _Optional[_Union[BucketBalance, _Mapping]] = ...) -> None: ...
 
+class CallError(_message.Message):
+    __slots__ = ("code", "message", "param")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    param: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
+
 class ErrorDetail(_message.Message):
     __slots__ = ("code", "param")
     CODE_FIELD_NUMBER: _ClassVar[int]

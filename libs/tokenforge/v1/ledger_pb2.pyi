@@ -390,3 +390,46 @@ class RecordRefusalRequest(_message.Message):
 class RecordRefusalResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LedgerCall(_message.Message):
+    __slots__ = ("trace_context", "hold", "release", "settle")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SETTLE_FIELD_NUMBER: _ClassVar[int]
+    trace_context: _containers.ScalarMap[str, str]
+    hold: HoldRequest
+    release: ReleaseRequest
+    settle: SettleRequest
+    def __init__(self, trace_context: _Optional[_Mapping[str, str]] = ..., hold: _Optional[_Union[HoldRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., settle: _Optional[_Union[SettleRequest, _Mapping]] = ...) -> None: ...
+
+class LedgerBatchRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[LedgerCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[LedgerCall, _Mapping]]] = ...) -> None: ...
+
+class LedgerOutcome(_message.Message):
+    __slots__ = ("hold", "release", "settle", "error")
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SETTLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    hold: HoldResponse
+    release: ReleaseResponse
+    settle: SettleResponse
+    error: _common_pb2.CallError
+    def __init__(self, hold: _Optional[_Union[HoldResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., settle: _Optional[_Union[SettleResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.CallError, _Mapping]] = ...) -> None: ...
+
+class LedgerBatchResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[LedgerOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[LedgerOutcome, _Mapping]]] = ...) -> None: ...

@@ -90,6 +90,11 @@ class LedgerServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_ledger__pb2.SettleRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.Batch = channel.unary_unary(
+                '/tokenforge.v1.LedgerService/Batch',
+                request_serializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.FromString,
+                _registered_method=True)
         self.GetReceipt = channel.unary_unary(
                 '/tokenforge.v1.LedgerService/GetReceipt',
                 request_serializer=tokenforge_dot_v1_dot_ledger__pb2.GetReceiptRequest.SerializeToString,
@@ -205,6 +210,15 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request, context):
+        """Many independent Hold/Release/Settle calls in one message: each is applied, answered and
+        traced as if it came alone, and they share one group commit. A busy router gathers the
+        calls of one event-loop turn into one Batch (tokenforge.batching).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetReceipt(self, request, context):
         """Receipts, by the key that paid for them.
         """
@@ -314,6 +328,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.SettleRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_ledger__pb2.SettleResponse.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.SerializeToString,
             ),
             'GetReceipt': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReceipt,
@@ -654,6 +673,33 @@ class LedgerService:
             '/tokenforge.v1.LedgerService/Settle',
             tokenforge_dot_v1_dot_ledger__pb2.SettleRequest.SerializeToString,
             tokenforge_dot_v1_dot_ledger__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.LedgerService/Batch',
+            tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.SerializeToString,
+            tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,3 +132,42 @@ class EstimateRunResponse(_message.Message):
     credit: BucketEstimate
     warnings: _containers.RepeatedCompositeFieldContainer[Warning]
     def __init__(self, wallet: _Optional[_Union[BucketEstimate, _Mapping]] = ..., credit: _Optional[_Union[BucketEstimate, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
+
+class MeteringCall(_message.Message):
+    __slots__ = ("trace_context", "quote", "rate")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    trace_context: _containers.ScalarMap[str, str]
+    quote: QuoteRequest
+    rate: RateRequest
+    def __init__(self, trace_context: _Optional[_Mapping[str, str]] = ..., quote: _Optional[_Union[QuoteRequest, _Mapping]] = ..., rate: _Optional[_Union[RateRequest, _Mapping]] = ...) -> None: ...
+
+class MeteringBatchRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[MeteringCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[MeteringCall, _Mapping]]] = ...) -> None: ...
+
+class MeteringOutcome(_message.Message):
+    __slots__ = ("quote", "rate", "error")
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    quote: QuoteResponse
+    rate: RateResponse
+    error: _common_pb2.CallError
+    def __init__(self, quote: _Optional[_Union[QuoteResponse, _Mapping]] = ..., rate: _Optional[_Union[RateResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.CallError, _Mapping]] = ...) -> None: ...
+
+class MeteringBatchResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[MeteringOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[MeteringOutcome, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class MeteringServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_metering__pb2.EstimateRunRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_metering__pb2.EstimateRunResponse.FromString,
                 _registered_method=True)
+        self.Batch = channel.unary_unary(
+                '/tokenforge.v1.MeteringService/Batch',
+                request_serializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
@@ -90,6 +95,13 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request, context):
+        """Many independent Quote/Rate calls in one message, each answered as if it came alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.EstimateRun,
                     request_deserializer=tokenforge_dot_v1_dot_metering__pb2.EstimateRunRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_metering__pb2.EstimateRunResponse.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class MeteringService:
             '/tokenforge.v1.MeteringService/EstimateRun',
             tokenforge_dot_v1_dot_metering__pb2.EstimateRunRequest.SerializeToString,
             tokenforge_dot_v1_dot_metering__pb2.EstimateRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.MeteringService/Batch',
+            tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.SerializeToString,
+            tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
