@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from tokenforge.ledger import core
 from tokenforge.ledger.core import (
@@ -190,7 +190,7 @@ def _ts(value: Any) -> Any:
 
 
 def _json_rows(text: str | None) -> list[dict[str, Any]]:
-    return json.loads(text) if text else []
+    return orjson.loads(text) if text else []
 
 
 _LOAD_SQL = f"""
