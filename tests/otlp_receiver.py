@@ -27,6 +27,8 @@ class ReceivedSpan:
     parent_span_id: str
     kind: int
     attributes: dict[str, Any]
+    start_ns: int = 0
+    end_ns: int = 0
 
 
 def _value(v: Any) -> Any:
@@ -77,6 +79,8 @@ class Receiver:
                             parent_span_id=s.parent_span_id.hex(),
                             kind=s.kind,
                             attributes={a.key: _value(a.value) for a in s.attributes},
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
                         )
                         self.spans[span.trace_id].append(span)
             self.cond.notify_all()

@@ -40,7 +40,7 @@ from tokenforge.ledger.core import (
     TopUpResult,
     rfc3339,
 )
-from tokenforge.ledger.writer import ThreadedWriterGroup, WriterGroup
+from tokenforge.ledger.writer import MAX_IN_FLIGHT, ThreadedWriterGroup, WriterGroup
 from tokenforge.money import Bucket
 from tokenforge.rpc import answer_batch, install_uvloop, rpc_method, serve, treat_as_unavailable
 from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
@@ -657,7 +657,8 @@ async def _main(settings: Settings) -> int:
         writers = ThreadedWriterGroup(settings.database_url, policy, n_writers)
         await writers.start()
     else:
-        writer_pool = await store.create_pool(settings.database_url, min_size=n_writers, max_size=n_writers, writer=True)
+        size = n_writers * MAX_IN_FLIGHT  # each batch in flight has a connection
+        writer_pool = await store.create_pool(settings.database_url, min_size=size, max_size=size, writer=True)
         writers = WriterGroup(writer_pool, policy, n_writers)
         writers.start()
     stop_reaper = asyncio.Event()

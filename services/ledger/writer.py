@@ -64,6 +64,8 @@ log = logging.getLogger("tokenforge.ledger.writer")
 MAX_BATCH_OPS = 512
 MAX_QUEUE_OPS = 20_000
 MAX_CONFLICT_RETRIES = 8
+MAX_IN_FLIGHT = 2  # batches of one writer in the database at once (on different accounts)
+SPLIT_MIN_OPS = 16  # a batch this large over several accounts is split in two
 
 
 def _utcnow() -> dt.datetime:
@@ -84,40 +86,72 @@ class BatchStats:
     max_batch: int = 0
     busy_s: float = 0.0  # time spent inside batch transactions
     conflicts: int = 0  # batches re-read because a row changed under them
+    max_in_flight: int = 0  # most batches in the database at once
 
 
 class Writer:
-    """One writer: a queue, a task, and one connection taken from `pool` and kept.
+    """One writer: a queue, a task, and its own connections taken from `pool` and kept.
 
-    Keeping the connection saves a pool acquire and release per batch; the release ran
-    asyncpg's reset query (`RESET ALL` and three more statements), one more round trip and
-    statement per batch. The connection goes back to the pool when the writer stops, and after
-    a failed batch (the pool's reset, or a new connection, puts it in a known state).
+    Two batches may be in flight at once when they touch different accounts: while one
+    commits (PostgreSQL's work) the next is read and applied (Python's work), so the two
+    cores overlap. A batch that shares an account with one in flight waits for it and, while
+    it waits, takes in what has queued since; so one account's operations are never in two
+    transactions at once and are applied in arrival order (a hot account gets one large batch
+    at a time, as before). Correctness does not depend on this: the compare-and-set write
+    would catch any overlap; the footprint check only avoids losing such races.
+
+    The writer keeps one connection: that saves a pool acquire and release per batch (the
+    release runs asyncpg's reset query, `RESET ALL` and three more statements: one more round
+    trip per batch). A second batch in flight borrows a connection from the pool and gives it
+    back, so a pool shared with others is never held beyond one connection per writer when
+    idle. A connection goes back to the pool when the writer stops, and after a failed batch
+    (the pool's reset, or a new connection, puts it in a known state).
     """
 
-    def __init__(self, pool: asyncpg.Pool, policy: Policy, clock: Callable[[], dt.datetime] = _utcnow):
+    def __init__(self, pool: asyncpg.Pool, policy: Policy, clock: Callable[[], dt.datetime] = _utcnow,
+                 max_in_flight: int = MAX_IN_FLIGHT):
+        assert max_in_flight >= 1
         self._pool = pool
         self._policy = policy
         self._clock = clock
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(MAX_QUEUE_OPS)
         self._task: asyncio.Task[None] | None = None
-        self._conn: asyncpg.Connection | None = None
+        self._kept: asyncpg.Connection | None = None
+        self._kept_busy = False
+        self._max_in_flight = max_in_flight
+        self._in_flight: dict[asyncio.Task[None], frozenset[str]] = {}  # batch → its accounts
         self.stats = BatchStats()
 
     async def _connection(self) -> asyncpg.Connection:
-        if self._conn is not None and self._conn.is_closed():
-            await self._drop_connection()
-        if self._conn is None:
-            self._conn = await self._pool.acquire()
-        return self._conn
+        """A connection for one batch: the kept one if it is free, else one borrowed."""
+        if self._kept_busy:
+            return await self._pool.acquire()
+        self._kept_busy = True
+        try:
+            if self._kept is not None and self._kept.is_closed():
+                stale, self._kept = self._kept, None
+                await self._release(stale)
+            if self._kept is None:
+                self._kept = await self._pool.acquire()
+        except BaseException:
+            self._kept_busy = False
+            raise
+        return self._kept
 
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await self._pool.release(conn)
-            except Exception:  # noqa: BLE001 - the pool closes a connection it cannot reset
-                log.debug("releasing the writer's connection failed", exc_info=True)
+    async def _done_with(self, conn: asyncpg.Connection, ok: bool) -> None:
+        """Keep the kept connection after a good batch; give back everything else."""
+        if conn is self._kept:
+            self._kept_busy = False
+            if ok:
+                return
+            self._kept = None
+        await self._release(conn)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        try:
+            await self._pool.release(conn)
+        except Exception:  # noqa: BLE001 - the pool closes a connection it cannot reset
+            log.debug("releasing a writer connection failed", exc_info=True)
 
     def start(self) -> None:
         assert self._task is None
@@ -131,7 +165,11 @@ class Writer:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        await self._drop_connection()
+        if self._in_flight:  # let the batches already sent to the database finish
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._kept is not None:
+            conn, self._kept = self._kept, None
+            await self._release(conn)
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             _hand_back([(pending, TFError("unavailable", "the ledger is stopping"))])
@@ -150,24 +188,49 @@ class Writer:
         except asyncio.QueueFull:
             _hand_back([(pending, TFError("unavailable", "the ledger is overloaded; retry shortly"))])
 
+    def _take_queued(self, batch: list[_Pending]) -> None:
+        while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._run_batch(batch)
+            batch = [await self._queue.get()]
+            self._take_queued(batch)
+            while True:
+                accounts = frozenset(p.op.account_id for p in batch)
+                blocking = [t for t, acc in self._in_flight.items() if acc & accounts]
+                if not blocking and len(self._in_flight) < self._max_in_flight:
+                    break
+                await asyncio.wait(blocking or list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+                self._take_queued(batch)
+            # A large batch over many accounts goes as several on different connections: one
+            # is applied in Python while PostgreSQL works on the others.
+            n_parts = min(self._max_in_flight - len(self._in_flight), len(batch) // SPLIT_MIN_OPS)
+            parts = _split_by_account(batch, n_parts) if n_parts >= 2 else [batch]
+            for part in parts:
+                task = asyncio.get_running_loop().create_task(self._run_batch(part))
+                self._in_flight[task] = frozenset(p.op.account_id for p in part)
+                task.add_done_callback(self._batch_done)
+            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._in_flight))
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:  # _run_batch never raises
+            log.error("a ledger batch failed unexpectedly", exc_info=task.exception())
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         self.stats.batches += 1
         self.stats.ops += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
         started = time.perf_counter()
+        conn: asyncpg.Connection | None = None
         try:
-            outcomes = await self._commit([p.op for p in batch])
+            conn = await self._connection()
+            outcomes = await self._commit(conn, [p.op for p in batch])
             self.stats.busy_s += time.perf_counter() - started
         except Exception as exc:  # a database failure, or a bug: never let the writer die
-            await self._drop_connection()
+            if conn is not None:
+                await self._done_with(conn, ok=False)  # the pool resets it, or replaces a broken one
             if len(batch) == 1:
                 log.warning("ledger operation %r failed: %r", batch[0].op, exc, exc_info=not isinstance(exc, asyncpg.PostgresError | OSError))
                 _hand_back([(batch[0], _as_tferror(exc))])
@@ -178,11 +241,11 @@ class Writer:
                 await self._run_batch([pending])
             return
         _hand_back(list(zip(batch, outcomes, strict=True)))
+        await self._done_with(conn, ok=True)
 
-    async def _commit(self, ops: list[Op]) -> list[Result | TFError]:
+    async def _commit(self, conn: asyncpg.Connection, ops: list[Op]) -> list[Result | TFError]:
         """Apply `ops` in order; returns each one's result or refusal once written."""
         for _ in range(MAX_CONFLICT_RETRIES):
-            conn = await self._connection()
             book = Book(now=self._clock(), policy=self._policy)
             snap = await store.load_book(conn, ops, book)
             outcomes: list[Result | TFError] = []
@@ -199,6 +262,20 @@ class Writer:
                 continue
             return outcomes
         raise TFError("unavailable", "the ledger's rows kept changing under the batch; retry")
+
+
+def _split_by_account(batch: list[_Pending], n: int) -> list[list[_Pending]]:
+    """Up to `n` batches of about equal size with no account in two of them; each account's
+    operations stay together and in arrival order. One account only: the batch as it is."""
+    by_account: dict[str, list[_Pending]] = {}
+    for pending in batch:
+        by_account.setdefault(pending.op.account_id, []).append(pending)
+    if len(by_account) < 2:
+        return [batch]
+    parts: list[list[_Pending]] = [[] for _ in range(min(n, len(by_account)))]
+    for ops in by_account.values():
+        min(parts, key=len).extend(ops)
+    return parts
 
 
 def _as_tferror(exc: BaseException) -> TFError:
@@ -302,7 +379,8 @@ class ThreadedWriterGroup:
     async def _setup(self) -> None:
         from tokenforge.ledger import store
 
-        self._pool = await store.create_pool(self._url, min_size=self._n, max_size=self._n, writer=True)
+        size = self._n * MAX_IN_FLIGHT
+        self._pool = await store.create_pool(self._url, min_size=size, max_size=size, writer=True)
         self._group = WriterGroup(self._pool, self._policy, self._n, self._clock)
         self._group.start()
 

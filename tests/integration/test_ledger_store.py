@@ -3,6 +3,7 @@ whole write, and the writer re-reads and re-applies the batch."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 
@@ -87,5 +88,65 @@ async def test_the_writer_retries_a_batch_that_lost_a_race(pool: asyncpg.Pool, m
             assert await conn.fetchval("SELECT count(*) FROM holds WHERE request_id = 'occ-r2'") == 0
             problems, _ = await store.audit(conn)
         assert problems == []
+    finally:
+        await group.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two batches in flight: only on different accounts, never one account in two transactions
+
+
+def _pending(account_id: str, n: int) -> writer._Pending:  # noqa: SLF001 - the splitter's input
+    return writer._Pending(HoldOp(account_id, f"r{n}", "key", Bucket.WALLET, 1), None)  # type: ignore[arg-type]
+
+
+async def test_a_large_batch_splits_by_account_keeping_each_accounts_order() -> None:
+    batch = [_pending(f"acct{n % 5}", n) for n in range(40)]
+    parts = writer._split_by_account(batch, 2)  # noqa: SLF001
+    assert len(parts) == 2 and sum(map(len, parts)) == 40
+    assert abs(len(parts[0]) - len(parts[1])) <= 8  # one account's 8 operations at most apart
+    accounts = [{p.op.account_id for p in part} for part in parts]
+    assert not accounts[0] & accounts[1]
+    for part in parts:
+        for account in {p.op.account_id for p in part}:
+            mine = [p.op.request_id for p in part if p.op.account_id == account]
+            assert mine == [p.op.request_id for p in batch if p.op.account_id == account]
+    hot = [_pending("acct-hot", n) for n in range(40)]
+    assert writer._split_by_account(hot, 2) == [hot]  # noqa: SLF001
+
+
+async def test_batches_overlap_only_on_different_accounts(pool: asyncpg.Pool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    group = writer.WriterGroup(pool, POLICY, 1)
+    group.start()
+    try:
+        customers = [await _customer(pool, group) for _ in range(6)]
+        real_load = store.load_book
+        running: list[set[str]] = []
+        overlaps: list[set[str]] = []
+        concurrent = []
+
+        async def watched_load(conn, ops, book):  # type: ignore[no-untyped-def]
+            mine = {op.account_id for op in ops}
+            for other in running:
+                if other & mine:
+                    overlaps.append(other & mine)
+            running.append(mine)
+            concurrent.append(len(running))
+            try:
+                return await real_load(conn, ops, book)
+            finally:
+                running.remove(mine)
+
+        monkeypatch.setattr(writer.store, "load_book", watched_load)
+        ops = [HoldOp(a, f"ovl-{i}-{n}", k, Bucket.WALLET, 1) for n in range(6) for i, (a, k) in enumerate(customers)]
+        results = await asyncio.gather(*(group.submit(op) for op in ops))
+        assert all(r.amount_nano == 1 and not r.replayed for r in results)
+        assert overlaps == []
+        assert max(concurrent) == 2 and group.writers[0].stats.max_in_flight == 2
+        async with pool.acquire() as conn:  # the pool (3 connections) is still usable by others
+            problems, _ = await store.audit(conn)
+            held = await conn.fetch("SELECT account_id, held_nano FROM buckets WHERE bucket = 'wallet'")
+        assert problems == []
+        assert {r["account_id"]: r["held_nano"] for r in held} == {a: 6 for a, _ in customers}
     finally:
         await group.stop()
