@@ -23,6 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from tokenforge import jsonfast
 from tokenforge.catalog import Catalog
 from tokenforge.errors import TFError
 from tokenforge.money import Bucket, format_nano
@@ -411,7 +412,7 @@ class Router:
             bucket=bucket.to_pb() if bucket else common_pb2.BUCKET_UNSPECIFIED,
             rated_nano=done.rated.amount_nano if done else 0,
             status=status,
-            receipt_json=json.dumps(draft, separators=(",", ":")).encode(),
+            receipt_json=jsonfast.dumps(draft),
             run_id=t.run_id,
             run_step=t.run_step,
             receipt_id=t.receipt_id,
@@ -507,7 +508,7 @@ class Router:
             settlement = await self._shielded(self._settle(t, "settled", done))
         finally:
             t.span.end()
-        body = json.dumps(done.body, separators=(",", ":")).encode()
+        body = jsonfast.dumps(done.body)
         return router_pb2.ChatCompletionResponse(body_json=body, settlement=settlement), t
 
     # ---- streaming -------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from tokenforge import jsonfast
 from tokenforge.router.request import ChatRequest
 from tokenforge.router.usage import delta_text
 
@@ -39,4 +39,4 @@ class StreamState:
         if not req.include_usage:
             event.pop("usage", None)
         event["model"] = req.model
-        return json.dumps(event, separators=(",", ":")).encode()
+        return jsonfast.dumps(event)

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import yarl
 
+from tokenforge import jsonfast
 from tokenforge.catalog import Catalog, Channel
 
 MAX_ERROR_TEXT = 300
@@ -25,7 +26,7 @@ READ_BUFFER_BYTES = 256 * 1024
 
 
 def json_bytes(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    return jsonfast.dumps(body)
 
 
 @dataclass
