@@ -193,25 +193,33 @@ class Writer:
             batch.append(self._queue.get_nowait())
 
     async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            self._take_queued(batch)
+        batch: list[_Pending] = []  # taken from the queue, not yet in flight
+        try:
             while True:
-                accounts = frozenset(p.op.account_id for p in batch)
-                blocking = [t for t, acc in self._in_flight.items() if acc & accounts]
-                if not blocking and len(self._in_flight) < self._max_in_flight:
-                    break
-                await asyncio.wait(blocking or list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+                batch = [await self._queue.get()]
                 self._take_queued(batch)
-            # A large batch over many accounts goes as several on different connections: one
-            # is applied in Python while PostgreSQL works on the others.
-            n_parts = min(self._max_in_flight - len(self._in_flight), len(batch) // SPLIT_MIN_OPS)
-            parts = _split_by_account(batch, n_parts) if n_parts >= 2 else [batch]
-            for part in parts:
-                task = asyncio.get_running_loop().create_task(self._run_batch(part))
-                self._in_flight[task] = frozenset(p.op.account_id for p in part)
-                task.add_done_callback(self._batch_done)
-            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._in_flight))
+                while True:
+                    accounts = frozenset(p.op.account_id for p in batch)
+                    blocking = [t for t, acc in self._in_flight.items() if acc & accounts]
+                    if not blocking and len(self._in_flight) < self._max_in_flight:
+                        break
+                    await asyncio.wait(blocking or list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+                    self._take_queued(batch)
+                # A large batch over many accounts goes as several on different connections: one
+                # is applied in Python while PostgreSQL works on the others.
+                n_parts = min(self._max_in_flight - len(self._in_flight), len(batch) // SPLIT_MIN_OPS)
+                parts = _split_by_account(batch, n_parts) if n_parts >= 2 else [batch]
+                for part in parts:
+                    task = asyncio.get_running_loop().create_task(self._run_batch(part))
+                    self._in_flight[task] = frozenset(p.op.account_id for p in part)
+                    task.add_done_callback(self._batch_done)
+                batch = []
+                self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._in_flight))
+        except asyncio.CancelledError:
+            # Stopped while a batch waited for one in flight: it never reached the database;
+            # its callers get an answer instead of waiting forever.
+            _hand_back([(p, TFError("unavailable", "the ledger is stopping")) for p in batch])
+            raise
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
