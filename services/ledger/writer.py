@@ -128,7 +128,7 @@ class Writer:
             return await self._pool.acquire()
         self._kept_busy = True
         try:
-            if self._kept is not None and self._kept.is_closed():
+            if self._kept is not None and not _usable(self._kept):
                 stale, self._kept = self._kept, None
                 await self._release(stale)
             if self._kept is None:
@@ -272,6 +272,16 @@ class Writer:
         raise TFError("unavailable", "the ledger's rows kept changing under the batch; retry")
 
 
+def _usable(conn: asyncpg.Connection) -> bool:
+    """False for a connection that closed, and for one asyncpg already took back: when the
+    server ends an idle session (a restart, a failover, pg_terminate_backend), the pool
+    releases it by itself and every method of our proxy, `is_closed()` included, raises."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 def _split_by_account(batch: list[_Pending], n: int) -> list[list[_Pending]]:
     """Up to `n` batches of about equal size with no account in two of them; each account's
     operations stay together and in arrival order. One account only: the batch as it is."""
@@ -289,7 +299,9 @@ def _split_by_account(batch: list[_Pending], n: int) -> list[list[_Pending]]:
 def _as_tferror(exc: BaseException) -> TFError:
     if isinstance(exc, TFError):
         return exc
-    if isinstance(exc, asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
+    # InternalClientError: a connection the server has just ended but whose socket asyncpg has
+    # not seen close yet refuses the next statement with it ("cannot switch to state ...").
+    if isinstance(exc, asyncpg.PostgresError | OSError | asyncpg.InterfaceError | asyncpg.InternalClientError):
         return TFError("unavailable", "the ledger's database failed; retry the operation")
     return TFError("internal_error", "the ledger failed to apply the operation")
 

@@ -99,3 +99,135 @@ async def test_stopping_the_writer_answers_a_batch_waiting_behind_one_in_flight(
     finally:
         await pool.release(locker)
         await group.stop()
+
+
+async def _terminate_others(conn: asyncpg.Connection) -> int:
+    """Terminate every other client backend of this database; wait until they are gone."""
+    pids = await conn.fetch(
+        """SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+              AND backend_type = 'client backend'""")
+    for r in pids:
+        await conn.execute("SELECT pg_terminate_backend($1)", r["pid"])
+    for _ in range(POLLS_MAX):
+        left = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])",
+                                   [r["pid"] for r in pids])
+        if not left:
+            return len(pids)
+        await asyncio.sleep(0.01)
+    raise AssertionError("terminated backends did not go away")
+
+
+async def test_the_writer_recovers_when_the_database_drops_its_idle_connections(
+        fresh_database_url: str, pool: asyncpg.Pool) -> None:
+    """PostgreSQL restarted, a failover, an idle-session timeout: the writer's kept connection
+    dies while idle (asyncpg then takes it back into the pool by itself). The next operations
+    may fail `unavailable`, but the writer must reconnect, not refuse everything forever."""
+    group = writer.WriterGroup(pool, POLICY, 1)
+    group.start()
+    try:
+        account_id, key_id = await _customer(pool, group, wallet_nano=10_000)
+        await group.submit(HoldOp(account_id, "idle-0", key_id, Bucket.WALLET, 1))  # the kept one is open
+        killer = await asyncpg.connect(fresh_database_url)
+        try:
+            assert await _terminate_others(killer) >= 1
+        finally:
+            await killer.close()
+        outcomes: list[object] = []
+        for n in range(1, 6):
+            try:
+                outcomes.append(await asyncio.wait_for(
+                    group.submit(HoldOp(account_id, f"idle-{n}", key_id, Bucket.WALLET, 1)), WAIT_S))
+            except TFError as err:
+                assert err.code == "unavailable", err
+                outcomes.append(err.code)
+        assert any(not isinstance(o, str) for o in outcomes), f"the writer never recovered: {outcomes}"
+        assert not isinstance(outcomes[-1], str), outcomes
+    finally:
+        await group.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The database kills the ledger's connections while coalesced load runs
+
+
+async def test_terminated_backends_mid_batch_give_errors_or_correct_answers(fresh_database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tokenforge.batching import Coalescer
+    from tokenforge.rpc import client_channel
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    from .conftest import new_customer, start_ledger
+
+    ledger = await start_ledger(fresh_database_url, tmp_path / "ledger.log")
+    held: dict[str, tuple[str, int]] = {}  # request id -> (hold id, amount) acknowledged
+    settled: dict[str, tuple[str, int]] = {}  # request id -> (receipt id, amount) acknowledged
+    errors: list[str] = []
+    kills = 0
+    try:
+        async with client_channel(ledger.addr) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            customers = [await new_customer(stub, wallet_nano=10**12) for _ in range(8)]
+            co = Coalescer(stub.Batch, L.LedgerCall, L.LedgerBatchRequest)
+            stop = asyncio.Event()
+
+            async def client(i: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    c = customers[(i * 3 + n) % len(customers)]
+                    rid = f"term-{i}-{n}-{secrets.token_hex(3)}"
+                    amount = 1_000_000 + i * 1000 + n
+                    n += 1
+                    try:
+                        h = await co.call("hold", L.HoldRequest(request_id=rid, key_id=c.key_id, bucket=1,
+                                                                amount_nano=amount, ttl_s=600), None, 10.0)
+                    except TFError as err:
+                        errors.append(err.code)
+                        continue
+                    held[rid] = (h.hold_id, h.amount_nano)
+                    rated = amount // 2
+                    for _ in range(20):
+                        try:
+                            s = await co.call("settle", L.SettleRequest(
+                                request_id=rid, key_id=c.key_id, bucket=1, rated_nano=rated, status="settled",
+                                receipt_json=b'{"n": 1}'), None, 10.0)
+                        except TFError as err:
+                            errors.append(err.code)
+                            continue
+                        settled[rid] = (s.receipt_id, s.amount_nano)
+                        assert s.amount_nano == rated, (rid, s)
+                        break
+
+            tasks = [asyncio.create_task(client(i)) for i in range(48)]
+            killer = await asyncpg.connect(fresh_database_url)
+            try:
+                for _ in range(40):
+                    await asyncio.sleep(0.05)
+                    kills += await killer.fetchval(
+                        """SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                            WHERE datname = current_database() AND pid <> pg_backend_pid()
+                              AND backend_type = 'client backend') t""")
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                await killer.close()
+            await co.aclose()
+
+            audit = await stub.Audit(L.AuditRequest())
+            assert audit.ok, list(audit.problems)
+    finally:
+        ledger.stop()
+    print(f"terminated {kills} backends; {len(held)} held, {len(settled)} settled; errors {set(errors)}")
+    assert kills > 0 and len(settled) > 20
+    assert set(errors) <= {"unavailable"}, set(errors)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        holds = {r["request_id"]: r for r in await conn.fetch("SELECT request_id, id, amount_nano, state FROM holds")}
+        receipts = {r["request_id"]: r for r in await conn.fetch("SELECT request_id, id, amount_nano FROM receipts")}
+    finally:
+        await conn.close()
+    for rid, (hold_id, amount) in held.items():
+        assert (holds[rid]["id"], holds[rid]["amount_nano"]) == (hold_id, amount), rid
+    for rid, (receipt_id, amount) in settled.items():
+        assert (receipts[rid]["id"], receipts[rid]["amount_nano"]) == (receipt_id, amount), rid
+        assert holds[rid]["state"] == "captured"
+    assert len(settled) == len(held), "an acknowledged hold was never settled"
