@@ -231,3 +231,155 @@ async def test_terminated_backends_mid_batch_give_errors_or_correct_answers(fres
         assert (receipts[rid]["id"], receipts[rid]["amount_nano"]) == (receipt_id, amount), rid
         assert holds[rid]["state"] == "captured"
     assert len(settled) == len(held), "an acknowledged hold was never settled"
+
+
+# ---------------------------------------------------------------------------------------------
+# Same request twice in one batch; kill -9 during coalesced load
+
+
+async def test_one_request_twice_in_one_batch_matches_the_unary_path(stub) -> None:  # type: ignore[no-untyped-def]
+    from tokenforge.batching import Coalescer
+    from tokenforge.v1 import ledger_pb2 as L
+
+    from .conftest import audit_ok, new_customer
+
+    c = await new_customer(stub, wallet_nano=10**10)
+    co = Coalescer(stub.Batch, L.LedgerCall, L.LedgerBatchRequest)
+
+    def hold(rid: str, amount: int):  # type: ignore[no-untyped-def]
+        return co.call("hold", L.HoldRequest(request_id=rid, key_id=c.key_id, bucket=1, amount_nano=amount), None, WAIT_S)
+
+    def settle(rid: str, rated: int):  # type: ignore[no-untyped-def]
+        return co.call("settle", L.SettleRequest(request_id=rid, key_id=c.key_id, bucket=1, rated_nano=rated,
+                                                 status="settled", receipt_json=b"{}"), None, WAIT_S)
+
+    same = "dup-" + secrets.token_hex(4)
+    a, b = await asyncio.gather(hold(same, 100), hold(same, 100))
+    assert (a.hold_id, a.replayed, b.hold_id, b.replayed) == (a.hold_id, False, a.hold_id, True)
+    other = "dup-" + secrets.token_hex(4)
+    results = await asyncio.gather(hold(other, 100), hold(other, 200), return_exceptions=True)
+    assert not isinstance(results[0], BaseException) and results[0].amount_nano == 100
+    assert isinstance(results[1], TFError) and results[1].code == "conflict"
+    # two settles of one request in one batch: one capture, one replay; a different one conflicts
+    s1, s2, s3 = await asyncio.gather(settle(same, 60), settle(same, 60), settle(same, 70), return_exceptions=True)
+    assert not isinstance(s1, BaseException) and not isinstance(s2, BaseException)
+    assert (s1.amount_nano, s1.replayed, s2.receipt_id, s2.replayed) == (60, False, s1.receipt_id, True)
+    assert isinstance(s3, TFError) and s3.code == "conflict"
+    # hold and settle of one request in one batch, in that order: held, then captured
+    fresh = "dup-" + secrets.token_hex(4)
+    h, s = await asyncio.gather(hold(fresh, 50), settle(fresh, 30))
+    assert (h.amount_nano, s.amount_nano, s.released_nano) == (50, 30, 20)
+    acct = await stub.GetAccount(L.GetAccountRequest(account_id=c.account_id))
+    assert (acct.balances.wallet.balance_nano, acct.balances.wallet.held_nano) == (10**10 - 90, 100)
+    await co.aclose()
+    await audit_ok(stub)
+
+
+async def test_kill_9_during_coalesced_load(fresh_database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tokenforge.batching import Coalescer
+    from tokenforge.rpc import client_channel
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    from .conftest import new_customer, start_ledger
+
+    log = tmp_path / "ledger.log"
+    ledger = await start_ledger(fresh_database_url, log)
+    held_ok: dict[str, int] = {}
+    settled_ok: dict[str, tuple[str, int]] = {}
+    try:
+        async with client_channel(ledger.addr) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            customers = [await new_customer(stub, wallet_nano=10**12, credit_nano=10**11) for _ in range(12)]
+            co = Coalescer(stub.Batch, L.LedgerCall, L.LedgerBatchRequest)
+            enough = asyncio.Event()
+
+            async def client(i: int) -> None:
+                n = 0
+                while True:
+                    c = customers[(i + n) % len(customers)]
+                    rid = f"k9-{i}-{n}-{secrets.token_hex(3)}"
+                    bucket = 1 if n % 3 else 2
+                    n += 1
+                    try:
+                        await co.call("hold", L.HoldRequest(request_id=rid, key_id=c.key_id, bucket=bucket,
+                                                            amount_nano=20_000_000, ttl_s=2), None, 5.0)
+                        held_ok[rid] = bucket
+                        rated = (n % 5) * 7_000_000
+                        res = await co.call("settle", L.SettleRequest(
+                            request_id=rid, key_id=c.key_id, bucket=bucket, rated_nano=rated, status="settled",
+                            receipt_json=b'{"attempts": []}'), None, 5.0)
+                        settled_ok[rid] = (res.receipt_id, res.amount_nano)
+                    except TFError as err:
+                        assert err.code == "unavailable", err
+                        return
+                    if len(settled_ok) >= 400:
+                        enough.set()
+
+            tasks = [asyncio.create_task(client(i)) for i in range(64)]
+            await asyncio.wait_for(enough.wait(), 60)
+            ledger.kill9()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        ledger.stop()
+
+    ledger = await start_ledger(fresh_database_url, log)
+    try:
+        conn = await asyncpg.connect(fresh_database_url)
+        try:
+            holds = {r["request_id"]: r["state"] for r in await conn.fetch("SELECT request_id, state FROM holds")}
+            receipts = {r["request_id"]: (r["id"], r["amount_nano"])
+                        for r in await conn.fetch("SELECT request_id, id, amount_nano FROM receipts")}
+            assert held_ok.keys() <= holds.keys()
+            for rid, got in settled_ok.items():
+                assert receipts[rid] == got and holds[rid] == "captured"
+            for _ in range(POLLS_MAX * 4):  # the reaper frees what the crash left held (ttl 2 s)
+                if not await conn.fetchval("SELECT count(*) FROM holds WHERE state = 'active'"):
+                    break
+                await asyncio.sleep(0.01)
+            assert not await conn.fetchval("SELECT count(*) FROM holds WHERE state = 'active'")
+            problems, _ = await store.audit(conn)
+            assert problems == []
+        finally:
+            await conn.close()
+    finally:
+        assert ledger.stop() == 0
+
+
+async def test_big_receipts_and_release_racing_settle_in_batches(stub) -> None:  # type: ignore[no-untyped-def]
+    from tokenforge.batching import Coalescer
+    from tokenforge.v1 import ledger_pb2 as L
+
+    from .conftest import audit_ok, new_customer
+
+    customers = [await new_customer(stub, wallet_nano=10**10) for _ in range(4)]
+    co = Coalescer(stub.Batch, L.LedgerCall, L.LedgerBatchRequest)
+    big = b'{"pad": "' + b"x" * 900_000 + b'"}'
+    rids = [f"big-{n}-{secrets.token_hex(3)}" for n in range(40)]
+    owner = {r: customers[n % 4] for n, r in enumerate(rids)}
+    await asyncio.gather(*(co.call("hold", L.HoldRequest(request_id=r, key_id=owner[r].key_id, bucket=1,
+                                                         amount_nano=1000), None, WAIT_S) for r in rids))
+    settles = [co.call("settle", L.SettleRequest(request_id=r, key_id=owner[r].key_id, bucket=1, rated_nano=400,
+                                                 status="settled", receipt_json=big), None, 30.0) for r in rids]
+    releases = [co.call("release", L.ReleaseRequest(request_id=r, bucket=1), None, 30.0) for r in rids]
+    mixed = [x for pair in zip(settles, releases, strict=True) for x in pair]
+    results = await asyncio.gather(*mixed, return_exceptions=True)
+    captured = 0
+    for n in range(len(rids)):
+        s, rel = results[2 * n], results[2 * n + 1]
+        if isinstance(s, TFError):  # the release came first: nothing charged
+            assert s.code == "invalid_request" and not isinstance(rel, BaseException), (s, rel)
+            assert rel.released_nano == 1000
+        else:
+            assert not isinstance(s, BaseException), s
+            assert s.amount_nano == 400 and s.released_nano == 600
+            assert not isinstance(rel, BaseException) and rel.replayed, rel
+            captured += 1
+    total = 0
+    for c in customers:
+        acct = await stub.GetAccount(L.GetAccountRequest(account_id=c.account_id))
+        assert acct.balances.wallet.held_nano == 0
+        total += 10**10 - acct.balances.wallet.balance_nano
+    assert total == 400 * captured
+    await co.aclose()
+    await audit_ok(stub)
