@@ -691,7 +691,10 @@ def run(settings: Settings) -> int:
         return 2
     install_uvloop()
     # A database that went away answers UNAVAILABLE (retry), not an opaque internal error.
-    treat_as_unavailable(asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+    # InternalClientError: a pooled connection whose session the server has just ended, handed
+    # out before asyncpg saw its socket close, refuses the next statement with it.
+    treat_as_unavailable(asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                         asyncpg.InternalClientError)
     if _env_number("TF_LEDGER_WRITER_THREAD", 0):
         # The writers' thread wakes on every database reply; do not let it wait the default
         # 5 ms for the GIL while the gRPC thread is busy.

@@ -383,3 +383,49 @@ async def test_big_receipts_and_release_racing_settle_in_batches(stub) -> None: 
     assert total == 400 * captured
     await co.aclose()
     await audit_ok(stub)
+
+
+async def test_batched_lookups_answer_unavailable_when_the_database_drops_connections(
+        fresh_database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A batched call that reads before it writes (Release looks its request up) while
+    PostgreSQL ends the ledger's sessions: `not_found` or `unavailable`, never internal_error
+    (the router retries settlement only on `unavailable`)."""
+    from tokenforge.batching import Coalescer
+    from tokenforge.rpc import client_channel
+    from tokenforge.v1 import ledger_pb2 as L
+    from tokenforge.v1 import ledger_pb2_grpc
+
+    from .conftest import start_ledger
+
+    ledger = await start_ledger(fresh_database_url, tmp_path / "ledger.log")
+    words: list[str] = []
+    try:
+        async with client_channel(ledger.addr) as channel:
+            co = Coalescer(ledger_pb2_grpc.LedgerServiceStub(channel).Batch, L.LedgerCall, L.LedgerBatchRequest)
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                while not stop.is_set():
+                    try:
+                        await co.call("release", L.ReleaseRequest(request_id="none-" + secrets.token_hex(4),
+                                                                  bucket=1), None, 5.0)
+                    except TFError as err:
+                        words.append(err.code)
+
+            tasks = [asyncio.create_task(client()) for _ in range(16)]
+            killer = await asyncpg.connect(fresh_database_url)
+            try:
+                for _ in range(40):
+                    await asyncio.sleep(0.05)
+                    await killer.fetchval(
+                        """SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                            WHERE datname = current_database() AND pid <> pg_backend_pid()
+                              AND backend_type = 'client backend') t""")
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                await killer.close()
+    finally:
+        ledger.stop()
+    assert "not_found" in words
+    assert set(words) <= {"not_found", "unavailable"}, {w: words.count(w) for w in set(words)}
