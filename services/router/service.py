@@ -224,8 +224,10 @@ class Router:
             t.pending_hold = None  # refused: nothing held
             raise
         t.pending_hold = None
-        assert not held.replayed, "request ids are fresh per request"
-        t.holds[channel.bucket] = quote.amount_nano
+        # Request ids are fresh per request, so a replay is our own hold answered twice: the
+        # ledger committed it, lost the connection before answering, and answered it again
+        # as a replay on the retry. It is held all the same (a replay matches the parameters).
+        t.holds[channel.bucket] = held.amount_nano
 
     async def _record_refusal(self, t: Ticket, code: str) -> None:
         try:
