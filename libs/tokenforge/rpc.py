@@ -161,6 +161,7 @@ def rpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 MAX_BATCH_CALLS = 1024
+_NO_TRACE = otel_context.Context()  # a call sent without a trace context
 
 
 async def answer_batch(
@@ -191,7 +192,7 @@ async def answer_batch(
             return outcome_cls(error=common_pb2.CallError(code=err.code, message=err.message, param=err.param or ""))
         name = methods[field]
         fn = getattr(type(servicer), name).__wrapped__
-        parent = extract(dict(call.trace_context))
+        parent = extract(dict(call.trace_context)) if call.trace_context else _NO_TRACE
         where = _span_name(servicer, name)
         span: trace.Span | None = None
         token = otel_context.attach(parent)
