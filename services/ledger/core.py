@@ -35,6 +35,11 @@ RECEIPT_STATUSES = ("settled", "failed", "partial", "cancelled")
 ROUTE_POLICIES = ("routed", "direct", "auto")
 MAX_REQUEST_ID_CHARS = 200
 MAX_NAME_CHARS = 200
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_REASON_CHARS = 500
+ADJUST_CREDIT = "credit"  # funding → customer
+ADJUST_DEBIT = "debit"  # customer → funding
+ADJUST_DIRECTIONS = (ADJUST_CREDIT, ADJUST_DEBIT)
 
 # Ledger accounts (per unit; see the migration).
 CUSTOMER = "customer"
@@ -119,6 +124,26 @@ def check_receipt_id(receipt_id: str) -> None:
 def check_name(name: str, param: str = "name") -> None:
     if not name or len(name) > MAX_NAME_CHARS:
         raise TFError("invalid_request", f"{param} must be 1 to {MAX_NAME_CHARS} characters", param)
+
+
+def check_idempotency_key(key: str) -> None:
+    if not key:
+        raise TFError("invalid_request", "idempotency_key is required", "idempotency_key")
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise TFError(
+            "invalid_request", f"idempotency_key may be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            "idempotency_key",
+        )
+
+
+def check_reason(reason: str, *, required: bool) -> None:
+    """A refund's or adjustment's reason: printable text, at most MAX_REASON_CHARS."""
+    if required and not reason.strip():
+        raise TFError("invalid_request", "reason is required: say why the money moves", "reason")
+    if len(reason) > MAX_REASON_CHARS:
+        raise TFError("invalid_request", f"reason may be at most {MAX_REASON_CHARS} characters", "reason")
+    if reason and not reason.isprintable():
+        raise TFError("invalid_request", "reason must be printable text (no control characters)", "reason")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +280,32 @@ class ReceiptRow:
     released_nano: int
     created_at: dt.datetime
     body_json: str = ""
+    refunded_nano: int = 0  # Σ refunds of this receipt; never above amount_nano
+    dirty: bool = False  # refunded_nano changed (an existing receipt; new ones are inserted)
+
+
+@dataclass(slots=True)
+class RefundRow:
+    id: str
+    idempotency_key: str
+    receipt_id: str
+    account_id: str
+    bucket: Bucket
+    amount_nano: int
+    reason: str
+    created_at: dt.datetime
+
+
+@dataclass(slots=True)
+class AdjustmentRow:
+    id: str
+    idempotency_key: str
+    account_id: str
+    bucket: Bucket
+    direction: str  # ADJUST_CREDIT | ADJUST_DEBIT
+    amount_nano: int
+    reason: str
+    created_at: dt.datetime
 
 
 @dataclass(slots=True)
@@ -343,7 +394,30 @@ class CloseRunOp:
     expire: bool = False  # from the reaper: only if past its expiry
 
 
-Op = HoldOp | ReleaseOp | ExpireHoldOp | SettleOp | TopUpOp | CreateRunOp | CloseRunOp
+@dataclass(frozen=True, slots=True)
+class RefundOp:
+    """Give back part or all of what a receipt collected: revenue → customer, its bucket."""
+
+    account_id: str  # the receipt's account (the server looks it up)
+    receipt_id: str
+    amount_nano: int
+    idempotency_key: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AdjustOp:
+    """Credit (funding → customer) or debit (customer → funding) a bucket, with a reason."""
+
+    account_id: str
+    bucket: Bucket
+    direction: str
+    amount_nano: int
+    reason: str
+    idempotency_key: str
+
+
+Op = HoldOp | ReleaseOp | ExpireHoldOp | SettleOp | TopUpOp | CreateRunOp | CloseRunOp | RefundOp | AdjustOp
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +457,21 @@ class RunResult:
     status: str
 
 
-Result = HoldResult | ReleaseResult | SettleResult | TopUpResult | RunResult | None
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    refund: RefundRow
+    receipt_amount_nano: int  # what the receipt collected
+    receipt_refunded_nano: int  # Σ its refunds after this one (now, on a replay)
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AdjustResult:
+    adjustment: AdjustmentRow
+    replayed: bool
+
+
+Result = HoldResult | ReleaseResult | SettleResult | TopUpResult | RunResult | RefundResult | AdjustResult | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,12 +506,17 @@ class Book:
     runs: dict[str, RunRow] = field(default_factory=dict)
     holds: dict[tuple[str, Bucket], HoldRow] = field(default_factory=dict)
     topups: dict[str, TopUpRow] = field(default_factory=dict)
-    receipts: dict[str, ReceiptRow] = field(default_factory=dict)
+    receipts: dict[str, ReceiptRow] = field(default_factory=dict)  # by request id
+    receipts_by_id: dict[str, ReceiptRow] = field(default_factory=dict)  # receipts refunds name
+    refunds: dict[str, RefundRow] = field(default_factory=dict)  # by idempotency key
+    adjustments: dict[str, AdjustmentRow] = field(default_factory=dict)  # by idempotency key
     id_factory: Callable[[str], str] = new_id
     # outputs
     transfers: list[Transfer] = field(default_factory=list)
     new_topups: list[TopUpRow] = field(default_factory=list)
     new_receipts: list[ReceiptRow] = field(default_factory=list)
+    new_refunds: list[RefundRow] = field(default_factory=list)
+    new_adjustments: list[AdjustmentRow] = field(default_factory=list)
 
     @property
     def today(self) -> dt.date:
@@ -518,6 +611,10 @@ class Book:
             return self.create_run(op)
         if isinstance(op, CloseRunOp):
             return self.close_run(op)
+        if isinstance(op, RefundOp):
+            return self.refund(op)
+        if isinstance(op, AdjustOp):
+            return self.adjust(op)
         raise AssertionError(f"unknown op {op!r}")
 
     def top_up(self, op: TopUpOp) -> TopUpResult:
@@ -549,6 +646,108 @@ class Book:
         self.topups[op.idempotency_key] = topup
         self.new_topups.append(topup)
         return TopUpResult(topup.id, topup.account_id, replayed=False)
+
+    def refund(self, op: RefundOp) -> RefundResult:
+        """Give back `amount_nano` of what a receipt collected, to the bucket that paid it.
+
+        The receipt's refunded total never passes what it collected (here, in the store's
+        compare-and-set write, and by a CHECK in the database). A key's spend counters are
+        not lowered: key limits cap gross spend, and a refund does not reopen them."""
+        check_amount(op.amount_nano, "amount_nano")
+        check_idempotency_key(op.idempotency_key)
+        check_reason(op.reason, required=False)
+        seen = self.refunds.get(op.idempotency_key)
+        if seen is not None:
+            if (seen.receipt_id, seen.amount_nano, seen.reason) != (op.receipt_id, op.amount_nano, op.reason):
+                raise TFError("conflict", "this idempotency_key was used for a different refund", "idempotency_key")
+            receipt = self.receipts_by_id.get(seen.receipt_id)
+            assert receipt is not None, "a refund's receipt is loaded with it"
+            return RefundResult(seen, receipt.amount_nano, receipt.refunded_nano, replayed=True)
+        receipt = self.receipts_by_id.get(op.receipt_id)
+        if receipt is None or receipt.account_id != op.account_id:
+            raise TFError("not_found", f"no receipt {op.receipt_id}", "receipt_id")
+        if receipt.bucket is None or receipt.amount_nano == 0:
+            raise TFError(
+                "invalid_request", f"receipt {receipt.id} collected nothing, so nothing can be refunded", "amount_nano"
+            )
+        left = receipt.amount_nano - receipt.refunded_nano
+        assert left >= 0, receipt
+        if op.amount_nano > left:
+            raise TFError(
+                "invalid_request",
+                f"receipt {receipt.id} collected {format_nano(receipt.amount_nano)} {receipt.bucket.unit} and "
+                f"{format_nano(receipt.refunded_nano)} was refunded already; at most {format_nano(left)} "
+                "can still be refunded",
+                "amount_nano",
+            )
+        row = self.bucket_row(receipt.account_id, receipt.bucket)
+        if row.balance_nano + op.amount_nano > MAX_NANO:
+            raise TFError("invalid_request", "the balance would be too large", "amount_nano")
+        refund = RefundRow(
+            id=self.id_factory("rfnd"),
+            idempotency_key=op.idempotency_key,
+            receipt_id=receipt.id,
+            account_id=receipt.account_id,
+            bucket=receipt.bucket,
+            amount_nano=op.amount_nano,
+            reason=op.reason,
+            created_at=self.now,
+        )
+        receipt.refunded_nano += op.amount_nano
+        receipt.dirty = True
+        assert 0 < receipt.refunded_nano <= receipt.amount_nano
+        row.balance_nano += op.amount_nano
+        self._move("refund", row, REVENUE, CUSTOMER, op.amount_nano, key_id=receipt.key_id, ref=refund.id,
+                   receipt_id=receipt.id)
+        self.refunds[op.idempotency_key] = refund
+        self.new_refunds.append(refund)
+        return RefundResult(refund, receipt.amount_nano, receipt.refunded_nano, replayed=False)
+
+    def adjust(self, op: AdjustOp) -> AdjustResult:
+        """Credit or debit a bucket's available balance against `funding`, with a reason. A
+        debit never takes the available balance (balance − held) below zero."""
+        check_amount(op.amount_nano, "amount_nano")
+        if op.direction not in ADJUST_DIRECTIONS:
+            raise TFError("invalid_request", "direction must be credit or debit", "direction")
+        check_reason(op.reason, required=True)
+        check_idempotency_key(op.idempotency_key)
+        seen = self.adjustments.get(op.idempotency_key)
+        if seen is not None:
+            if (seen.account_id, seen.bucket, seen.direction, seen.amount_nano, seen.reason) != (
+                op.account_id, op.bucket, op.direction, op.amount_nano, op.reason,
+            ):
+                raise TFError("conflict", "this idempotency_key was used for a different adjustment", "idempotency_key")
+            return AdjustResult(seen, replayed=True)
+        row = self.bucket_row(op.account_id, op.bucket)
+        if op.direction == ADJUST_CREDIT:
+            if row.balance_nano + op.amount_nano > MAX_NANO:
+                raise TFError("invalid_request", "the balance would be too large", "amount_nano")
+        elif row.available_nano < op.amount_nano:
+            raise TFError(
+                "insufficient_balance",
+                f"the {op.bucket.value} has {format_nano(row.available_nano)} {op.bucket.unit} available; "
+                f"a debit of {format_nano(op.amount_nano)} would take it below zero",
+                "amount_nano",
+            )
+        adjustment = AdjustmentRow(
+            id=self.id_factory("adj"),
+            idempotency_key=op.idempotency_key,
+            account_id=op.account_id,
+            bucket=op.bucket,
+            direction=op.direction,
+            amount_nano=op.amount_nano,
+            reason=op.reason,
+            created_at=self.now,
+        )
+        if op.direction == ADJUST_CREDIT:
+            row.balance_nano += op.amount_nano
+            self._move("adjustment", row, FUNDING, CUSTOMER, op.amount_nano, key_id=None, ref=adjustment.id)
+        else:
+            row.balance_nano -= op.amount_nano
+            self._move("adjustment", row, CUSTOMER, FUNDING, op.amount_nano, key_id=None, ref=adjustment.id)
+        self.adjustments[op.idempotency_key] = adjustment
+        self.new_adjustments.append(adjustment)
+        return AdjustResult(adjustment, replayed=False)
 
     def _key(self, key_id: str, account_id: str) -> KeyRow:
         key = self.keys.get(key_id)
@@ -894,6 +1093,7 @@ def _receipt_body(op: SettleOp, receipt: ReceiptRow, key: KeyRow, display: HoldR
         held=format_nano(receipt.held_nano),
         released=format_nano(receipt.released_nano),
         uncollected=format_nano(receipt.uncollected_nano),
+        refunded=format_nano(receipt.refunded_nano),  # raised by refunds (the store rewrites it)
         holds=[
             {
                 "bucket": h.bucket.value,

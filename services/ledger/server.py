@@ -24,6 +24,8 @@ from tokenforge.config import Settings
 from tokenforge.errors import TFError
 from tokenforge.ledger import core, migrations, report, store
 from tokenforge.ledger.core import (
+    AdjustOp,
+    AdjustResult,
     CloseRunOp,
     CreateRunOp,
     ExpireHoldOp,
@@ -31,6 +33,8 @@ from tokenforge.ledger.core import (
     HoldResult,
     KeyLimitsNano,
     Policy,
+    RefundOp,
+    RefundResult,
     ReleaseOp,
     ReleaseResult,
     RunResult,
@@ -64,6 +68,11 @@ _POLICY_TO_TEXT = {
     common_pb2.ROUTE_POLICY_AUTO: "auto",
 }
 _POLICY_FROM_TEXT = {v: k for k, v in _POLICY_TO_TEXT.items()}
+_DIRECTION_TO_TEXT = {
+    ledger_pb2.ADJUSTMENT_DIRECTION_CREDIT: core.ADJUST_CREDIT,
+    ledger_pb2.ADJUSTMENT_DIRECTION_DEBIT: core.ADJUST_DEBIT,
+}
+_DIRECTION_FROM_TEXT = {v: k for k, v in _DIRECTION_TO_TEXT.items()}
 # LedgerCall's oneof fields → the methods they stand for
 _BATCHED = {"hold": "Hold", "release": "Release", "settle": "Settle"}
 
@@ -235,6 +244,54 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return ledger_pb2.TopUpResponse(
             topup_id=result.topup_id, balances=_balances_pb(account), replayed=result.replayed
         )
+
+    @rpc_method
+    async def Refund(self, request: ledger_pb2.RefundRequest, context: Any) -> ledger_pb2.RefundResponse:
+        if not request.receipt_id or len(request.receipt_id) > core.MAX_REQUEST_ID_CHARS:
+            raise TFError("invalid_request", "receipt_id is required", "receipt_id")
+        core.check_amount(request.amount_nano, "amount_nano")
+        core.check_idempotency_key(request.idempotency_key)
+        core.check_reason(request.reason, required=False)
+        async with self._pool.acquire() as conn:
+            account_id = await store.account_of_receipt(conn, request.receipt_id)
+        if account_id is None:
+            raise TFError("not_found", f"no receipt {request.receipt_id}", "receipt_id")
+        result = await self._writers.submit(
+            RefundOp(account_id, request.receipt_id, request.amount_nano, request.idempotency_key, request.reason)
+        )
+        assert isinstance(result, RefundResult)
+        account = await self._account(account_id)
+        r = result.refund
+        refund = ledger_pb2.Refund(
+            id=r.id, receipt_id=r.receipt_id, account_id=r.account_id, bucket=r.bucket.to_pb(),
+            amount_nano=r.amount_nano, reason=r.reason, created_at=rfc3339(r.created_at),
+            receipt_amount_nano=result.receipt_amount_nano, receipt_refunded_nano=result.receipt_refunded_nano,
+        )
+        return ledger_pb2.RefundResponse(refund=refund, balances=_balances_pb(account), replayed=result.replayed)
+
+    @rpc_method
+    async def Adjust(self, request: ledger_pb2.AdjustRequest, context: Any) -> ledger_pb2.AdjustResponse:
+        bucket = core.parse_bucket(request.bucket)
+        assert bucket is not None
+        core.check_amount(request.amount_nano, "amount_nano")
+        direction = _DIRECTION_TO_TEXT.get(request.direction)
+        if direction is None:
+            raise TFError("invalid_request", "direction must be credit or debit", "direction")
+        core.check_reason(request.reason, required=True)
+        core.check_idempotency_key(request.idempotency_key)
+        await self._account(request.account_id)
+        result = await self._writers.submit(
+            AdjustOp(request.account_id, bucket, direction, request.amount_nano, request.reason,
+                     request.idempotency_key)
+        )
+        assert isinstance(result, AdjustResult)
+        account = await self._account(request.account_id)
+        a = result.adjustment
+        adjustment = ledger_pb2.Adjustment(
+            id=a.id, account_id=a.account_id, bucket=a.bucket.to_pb(), direction=_DIRECTION_FROM_TEXT[a.direction],
+            amount_nano=a.amount_nano, reason=a.reason, created_at=rfc3339(a.created_at),
+        )
+        return ledger_pb2.AdjustResponse(adjustment=adjustment, balances=_balances_pb(account), replayed=result.replayed)
 
     @rpc_method
     async def CreateKey(self, request: ledger_pb2.CreateKeyRequest, context: Any) -> ledger_pb2.CreatedKey:

@@ -22,6 +22,8 @@ import orjson
 
 from tokenforge.ledger import core
 from tokenforge.ledger.core import (
+    AdjustmentRow,
+    AdjustOp,
     Book,
     BucketRow,
     CloseRunOp,
@@ -33,13 +35,15 @@ from tokenforge.ledger.core import (
     KeyRow,
     Op,
     ReceiptRow,
+    RefundOp,
+    RefundRow,
     ReleaseOp,
     RunRow,
     SettleOp,
     TopUpOp,
     TopUpRow,
 )
-from tokenforge.money import Bucket
+from tokenforge.money import Bucket, format_nano
 
 W, C = Bucket.WALLET, Bucket.CREDIT
 
@@ -114,6 +118,13 @@ _RUN_COLS = """id, key_id, account_id, name, status, budget_wallet_nano, budget_
 _HOLD_COLS = """id, request_id, bucket, account_id, key_id, run_id, run_funded, amount_nano,
     state, captured_nano, released_nano, ttl_s, expires_at, created_at, closed_at"""
 
+_RECEIPT_COLS = """id, request_id, key_id, account_id, run_id, run_step, status, bucket, rated_nano,
+    amount_nano, uncollected_nano, held_nano, released_nano, refunded_nano, created_at"""
+
+_REFUND_COLS = "id, idempotency_key, receipt_id, account_id, bucket, amount_nano, reason, created_at"
+
+_ADJUSTMENT_COLS = "id, idempotency_key, account_id, bucket, direction, amount_nano, reason, created_at"
+
 
 def _key_row(r: asyncpg.Record) -> KeyRow:
     return KeyRow(
@@ -175,6 +186,7 @@ class Snapshot:
     keys: dict[str, tuple[Any, ...]]
     holds: dict[tuple[str, Bucket], str]
     runs: dict[str, tuple[Any, ...]]
+    receipts_refunded: dict[str, int]  # receipt id → refunded_nano, of receipts refunds name
 
 
 def _key_version(k: KeyRow) -> tuple[Any, ...]:
@@ -208,13 +220,42 @@ SELECT
                              WHERE id IN (SELECT unnest($4::text[]) UNION SELECT key_id FROM h
                                           UNION SELECT key_id FROM r)
                                AND account_id = ANY($1::text[])) t) AS keys,
-  (SELECT json_agg(t) FROM (SELECT id, request_id, key_id, account_id, run_id, run_step, status,
-                                   bucket, rated_nano, amount_nano, uncollected_nano, held_nano,
-                                   released_nano, created_at
+  (SELECT json_agg(t) FROM (SELECT {_RECEIPT_COLS}
                               FROM receipts WHERE request_id = ANY($5::text[])) t) AS receipts,
   (SELECT json_agg(t) FROM (SELECT id, idempotency_key, account_id, bucket, amount_nano, created_at
                               FROM topups WHERE idempotency_key = ANY($6::text[])) t) AS topups
 """
+
+# Only a batch with a refund or an adjustment reads these (a second prepared statement: the
+# hot path's read stays as it was).
+_LOAD_ADMIN_SQL = _LOAD_SQL + f""",
+  (SELECT json_agg(t) FROM (SELECT {_RECEIPT_COLS}
+                              FROM receipts WHERE id = ANY($7::text[])) t) AS receipts_by_id,
+  (SELECT json_agg(t) FROM (SELECT {_REFUND_COLS}
+                              FROM refunds WHERE idempotency_key = ANY($8::text[])) t) AS refunds,
+  (SELECT json_agg(t) FROM (SELECT {_ADJUSTMENT_COLS}
+                              FROM adjustments WHERE idempotency_key = ANY($9::text[])) t) AS adjustments
+"""
+
+
+def _receipt_row(r: dict[str, Any]) -> ReceiptRow:
+    return ReceiptRow(
+        id=r["id"],
+        request_id=r["request_id"],
+        key_id=r["key_id"],
+        account_id=r["account_id"],
+        run_id=r["run_id"],
+        run_step=r["run_step"],
+        status=r["status"],
+        bucket=_b(r["bucket"]),
+        rated_nano=r["rated_nano"],
+        amount_nano=r["amount_nano"],
+        uncollected_nano=r["uncollected_nano"],
+        held_nano=r["held_nano"],
+        released_nano=r["released_nano"],
+        created_at=_ts(r["created_at"]),
+        refunded_nano=r["refunded_nano"],
+    )
 
 
 async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> Snapshot:
@@ -226,6 +267,9 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
     key_ids: set[str] = set()
     run_ids: set[str] = set()
     topup_keys: list[str] = []
+    refund_receipt_ids: list[str] = []
+    refund_keys: list[str] = []
+    adjustment_keys: list[str] = []
     for op in ops:
         account_ids.add(op.account_id)
         if isinstance(op, HoldOp | SettleOp):
@@ -243,12 +287,20 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
             key_ids.add(op.key_id)
         elif isinstance(op, CloseRunOp):
             run_ids.add(op.run_id)
+        elif isinstance(op, RefundOp):
+            refund_receipt_ids.append(op.receipt_id)
+            refund_keys.append(op.idempotency_key)
+        elif isinstance(op, AdjustOp):
+            adjustment_keys.append(op.idempotency_key)
 
-    row = await conn.fetchrow(
-        _LOAD_SQL, list(account_ids), list(request_ids), list(run_ids), list(key_ids), settle_ids, topup_keys
-    )
+    args = [list(account_ids), list(request_ids), list(run_ids), list(key_ids), settle_ids, topup_keys]
+    admin = bool(refund_keys or adjustment_keys)
+    if admin:
+        row = await conn.fetchrow(_LOAD_ADMIN_SQL, *args, refund_receipt_ids, refund_keys, adjustment_keys)
+    else:
+        row = await conn.fetchrow(_LOAD_SQL, *args)
     assert row is not None
-    snap = Snapshot({}, {}, {}, {})
+    snap = Snapshot({}, {}, {}, {}, {})
     for r in _json_rows(row["buckets"]):
         bucket = Bucket(r["bucket"])
         book.buckets[(r["account_id"], bucket)] = BucketRow(r["account_id"], bucket, r["balance_nano"], r["held_nano"])
@@ -272,28 +324,35 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
         book.keys[key.id] = key
         snap.keys[key.id] = _key_version(key)
     for r in _json_rows(row["receipts"]):
-        book.receipts[r["request_id"]] = ReceiptRow(
-            id=r["id"],
-            request_id=r["request_id"],
-            key_id=r["key_id"],
-            account_id=r["account_id"],
-            run_id=r["run_id"],
-            run_step=r["run_step"],
-            status=r["status"],
-            bucket=_b(r["bucket"]),
-            rated_nano=r["rated_nano"],
-            amount_nano=r["amount_nano"],
-            uncollected_nano=r["uncollected_nano"],
-            held_nano=r["held_nano"],
-            released_nano=r["released_nano"],
-            created_at=_ts(r["created_at"]),
-        )
+        book.receipts[r["request_id"]] = _receipt_row(r)
     for r in _json_rows(row["topups"]):
         book.topups[r["idempotency_key"]] = TopUpRow(
             r["id"], r["idempotency_key"], r["account_id"], Bucket(r["bucket"]), r["amount_nano"],
             _ts(r["created_at"]),
         )
+    if admin:
+        _load_admin(row, book, snap)
     return snap
+
+
+def _load_admin(row: asyncpg.Record, book: Book, snap: Snapshot) -> None:
+    """The receipts refunds name, and earlier refunds and adjustments by idempotency key."""
+    loaded = {r.id: r for r in book.receipts.values()}
+    for r in _json_rows(row["receipts_by_id"]):
+        # One object per receipt, also when a settle replay of the batch loaded it too.
+        receipt = loaded.get(r["id"]) or _receipt_row(r)
+        book.receipts_by_id[receipt.id] = receipt
+        snap.receipts_refunded[receipt.id] = receipt.refunded_nano
+    for r in _json_rows(row["refunds"]):
+        book.refunds[r["idempotency_key"]] = RefundRow(
+            r["id"], r["idempotency_key"], r["receipt_id"], r["account_id"], Bucket(r["bucket"]),
+            r["amount_nano"], r["reason"], _ts(r["created_at"]),
+        )
+    for r in _json_rows(row["adjustments"]):
+        book.adjustments[r["idempotency_key"]] = AdjustmentRow(
+            r["id"], r["idempotency_key"], r["account_id"], Bucket(r["bucket"]), r["direction"],
+            r["amount_nano"], r["reason"], _ts(r["created_at"]),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +536,38 @@ async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot) -> No
         lambda r: r.amount_nano, lambda r: r.uncollected_nano, lambda r: r.held_nano,
         lambda r: r.released_nano, lambda r: r.created_at, lambda r: r.body_json,
     )
+    # A refund raises its receipt's refunded total only if nobody else did meanwhile (another
+    # ledger process): compare-and-set like every other row; the CHECK refunded_nano <=
+    # amount_nano in the table is the last line of defence. The receipt's JSON shows the total.
+    w.add(
+        "receipts_refunded",
+        """UPDATE receipts SET refunded_nano = u.refunded,
+               body = jsonb_set(body, '{refunded}', to_jsonb(u.refunded_text))
+             FROM unnest({params}) AS u(id, refunded, refunded_text, o_refunded)
+            WHERE receipts.id = u.id AND receipts.refunded_nano = u.o_refunded
+            RETURNING 1""",
+        ["text", "bigint", "text", "bigint"],
+        [r for r in book.receipts_by_id.values() if r.dirty],
+        lambda r: r.id, lambda r: r.refunded_nano, lambda r: format_nano(r.refunded_nano),
+        lambda r: snap.receipts_refunded[r.id],
+        expect=True,
+    )
+    w.add(
+        "new_refunds",
+        f"INSERT INTO refunds ({_REFUND_COLS}) SELECT * FROM unnest({{params}})",
+        ["text", "text", "text", "text", "text", "bigint", "text", "timestamptz"],
+        book.new_refunds,
+        lambda r: r.id, lambda r: r.idempotency_key, lambda r: r.receipt_id, lambda r: r.account_id,
+        lambda r: r.bucket.value, lambda r: r.amount_nano, lambda r: r.reason, lambda r: r.created_at,
+    )
+    w.add(
+        "new_adjustments",
+        f"INSERT INTO adjustments ({_ADJUSTMENT_COLS}) SELECT * FROM unnest({{params}})",
+        ["text", "text", "text", "text", "text", "bigint", "text", "timestamptz"],
+        book.new_adjustments,
+        lambda a: a.id, lambda a: a.idempotency_key, lambda a: a.account_id, lambda a: a.bucket.value,
+        lambda a: a.direction, lambda a: a.amount_nano, lambda a: a.reason, lambda a: a.created_at,
+    )
     # WITH ORDINALITY + ORDER BY: ids follow the order in which the batch applied operations.
     w.add(
         "new_transfers",
@@ -647,6 +738,10 @@ async def account_of_request(conn: asyncpg.Connection, request_id: str) -> str |
     return await conn.fetchval(
         "SELECT account_id FROM holds WHERE request_id = $1 LIMIT 1", request_id
     )
+
+
+async def account_of_receipt(conn: asyncpg.Connection, receipt_id: str) -> str | None:
+    return await conn.fetchval("SELECT account_id FROM receipts WHERE id = $1", receipt_id)
 
 
 async def account_of_run(conn: asyncpg.Connection, run_id: str) -> str | None:
@@ -824,6 +919,27 @@ async def record_refusal(conn: asyncpg.Connection, run_id: str, key_id: str | No
 # -- audit ------------------------------------------------------------------------------------------
 
 
+_UNIT = "CASE bucket WHEN 'wallet' THEN 'CNY' ELSE 'CREDIT' END"
+
+# Per unit: what came in from outside (top-ups, and adjustments: credits minus debits).
+_FUNDED_SQL = f"""
+    SELECT unit, sum(topups) AS topups, sum(adjusted) AS adjusted FROM (
+        SELECT {_UNIT} AS unit, amount_nano AS topups, 0 AS adjusted FROM topups
+        UNION ALL
+        SELECT {_UNIT}, 0, CASE direction WHEN 'credit' THEN amount_nano ELSE -amount_nano END
+          FROM adjustments) x
+     GROUP BY unit"""
+
+# Per unit: receipts' collected charges and uncollected cost, and what was refunded of them.
+_COLLECTED_SQL = f"""
+    SELECT unit, sum(amount) AS amount, sum(unc) AS unc, sum(refunded) AS refunded FROM (
+        SELECT {_UNIT} AS unit, amount_nano AS amount, uncollected_nano AS unc, 0 AS refunded
+          FROM receipts WHERE bucket IS NOT NULL
+        UNION ALL
+        SELECT {_UNIT}, 0, 0, amount_nano FROM refunds) x
+     GROUP BY unit"""
+
+
 async def audit(conn: asyncpg.Connection) -> tuple[list[str], int]:
     """Every kept figure against the journal. Runs in one REPEATABLE READ snapshot."""
     problems: list[str] = []
@@ -873,34 +989,69 @@ async def audit(conn: asyncpg.Connection) -> tuple[list[str], int]:
                 f"{r['account_id']}/{r['bucket']}: held {r['held_nano']} but holds and run "
                 f"reservations add up to {r['s']}"
             )
-        # 4. top-ups = -funding; charges = revenue - uncollected, per unit
+        # 4. per unit: top-ups + net adjustments = -funding; receipts' charges + uncollected -
+        #    refunds = revenue; uncollected = -uncollected postings.
         for r in await conn.fetch(
-            """WITH t AS (SELECT b.unit, coalesce(sum(t.amount_nano), 0) AS s
-                            FROM topups t JOIN buckets b USING (account_id, bucket) GROUP BY b.unit),
+            f"""WITH t AS ({_FUNDED_SQL}),
                     f AS (SELECT unit, -sum(amount_nano) AS s FROM postings
                            WHERE ledger_account = 'funding' GROUP BY unit)
-               SELECT coalesce(t.unit, f.unit) AS unit, coalesce(t.s, 0) AS topups,
-                      coalesce(f.s, 0) AS funding
-                 FROM t FULL JOIN f USING (unit) WHERE coalesce(t.s, 0) <> coalesce(f.s, 0)"""
+               SELECT coalesce(t.unit, f.unit) AS unit, coalesce(t.topups, 0) AS topups,
+                      coalesce(t.adjusted, 0) AS adjusted, coalesce(f.s, 0) AS funding
+                 FROM t FULL JOIN f USING (unit)
+                WHERE coalesce(t.topups, 0) + coalesce(t.adjusted, 0) <> coalesce(f.s, 0)"""
         ):
-            problems.append(f"{r['unit']}: top-ups {r['topups']} but funding postings {r['funding']}")
+            problems.append(
+                f"{r['unit']}: top-ups {r['topups']} + net adjustments {r['adjusted']} but funding "
+                f"postings {r['funding']}"
+            )
         for r in await conn.fetch(
-            """WITH r AS (SELECT CASE bucket WHEN 'wallet' THEN 'CNY' ELSE 'CREDIT' END AS unit,
-                                 sum(amount_nano) AS amount, sum(uncollected_nano) AS unc
-                            FROM receipts WHERE bucket IS NOT NULL GROUP BY 1),
+            f"""WITH r AS ({_COLLECTED_SQL}),
                     p AS (SELECT unit,
                                  sum(amount_nano) FILTER (WHERE ledger_account = 'revenue') AS rev,
                                  -sum(amount_nano) FILTER (WHERE ledger_account = 'uncollected') AS unc
                             FROM postings GROUP BY unit)
                SELECT coalesce(r.unit, p.unit) AS unit, coalesce(r.amount, 0) AS amount,
-                      coalesce(r.unc, 0) AS unc, coalesce(p.rev, 0) AS rev, coalesce(p.unc, 0) AS p_unc
+                      coalesce(r.unc, 0) AS unc, coalesce(r.refunded, 0) AS refunded,
+                      coalesce(p.rev, 0) AS rev, coalesce(p.unc, 0) AS p_unc
                  FROM r FULL JOIN p USING (unit)
-                WHERE coalesce(r.amount, 0) + coalesce(r.unc, 0) <> coalesce(p.rev, 0)
+                WHERE coalesce(r.amount, 0) + coalesce(r.unc, 0) - coalesce(r.refunded, 0) <> coalesce(p.rev, 0)
                    OR coalesce(r.unc, 0) <> coalesce(p.unc, 0)"""
         ):
             problems.append(
-                f"{r['unit']}: receipts charge {r['amount']} + uncollected {r['unc']} but revenue "
-                f"postings {r['rev']} and uncollected postings {r['p_unc']}"
+                f"{r['unit']}: receipts charge {r['amount']} + uncollected {r['unc']} - refunds "
+                f"{r['refunded']} but revenue postings {r['rev']} and uncollected postings {r['p_unc']}"
+            )
+        # 4b. each receipt's refunded total is the sum of its refunds (and never above what it
+        #     collected: a CHECK in the table); each refund is in its receipt's bucket.
+        for r in await conn.fetch(
+            """WITH f AS (SELECT receipt_id, sum(refunds.amount_nano) AS s, bool_and(refunds.bucket = r.bucket) AS same
+                            FROM refunds JOIN receipts r ON r.id = refunds.receipt_id
+                           GROUP BY receipt_id)
+               SELECT r.id, r.refunded_nano, r.amount_nano, coalesce(f.s, 0) AS s, f.same
+                 FROM receipts r LEFT JOIN f ON f.receipt_id = r.id
+                WHERE (r.refunded_nano > 0 OR f.s IS NOT NULL)
+                  AND (r.refunded_nano <> coalesce(f.s, 0) OR r.refunded_nano > r.amount_nano
+                       OR NOT coalesce(f.same, true))"""
+        ):
+            problems.append(
+                f"receipt {r['id']}: refunded {r['refunded_nano']} of {r['amount_nano']} but its refunds "
+                f"add up to {r['s']}" + ("" if r["same"] is not False else " (a refund in another bucket)")
+            )
+        # 4c. conservation from the kept figures alone, per unit: top-ups + net adjustments =
+        #     balances (available + held) + collected charges - refunds.
+        for r in await conn.fetch(
+            f"""WITH t AS ({_FUNDED_SQL}),
+                    r AS ({_COLLECTED_SQL}),
+                    b AS (SELECT unit, sum(balance_nano) AS s FROM buckets GROUP BY unit)
+               SELECT b.unit, coalesce(t.topups, 0) + coalesce(t.adjusted, 0) AS funded,
+                      b.s AS balances, coalesce(r.amount, 0) AS amount, coalesce(r.refunded, 0) AS refunded
+                 FROM b LEFT JOIN t USING (unit) LEFT JOIN r USING (unit)
+                WHERE coalesce(t.topups, 0) + coalesce(t.adjusted, 0)
+                      <> b.s + coalesce(r.amount, 0) - coalesce(r.refunded, 0)"""
+        ):
+            problems.append(
+                f"{r['unit']}: top-ups + net adjustments {r['funded']} but balances {r['balances']} + "
+                f"charges {r['amount']} - refunds {r['refunded']} differ (conservation)"
             )
         # 5. key usage against receipts and holds
         for r in await conn.fetch(

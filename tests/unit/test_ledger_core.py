@@ -10,6 +10,8 @@ import pytest
 
 from tokenforge.errors import TFError
 from tokenforge.ledger.core import (
+    AdjustOp,
+    AdjustResult,
     Book,
     BucketRow,
     CloseRunOp,
@@ -19,6 +21,7 @@ from tokenforge.ledger.core import (
     KeyLimitsNano,
     KeyRow,
     Policy,
+    RefundOp,
     ReleaseOp,
     SettleOp,
     TopUpOp,
@@ -249,3 +252,89 @@ def test_run_budget_is_held_drawn_and_released() -> None:
     assert b.buckets[(ACCT, W)].held_nano == 0 and b.buckets[(ACCT, W)].balance_nano == 900
     assert b.keys[KEY].held[W] == 0 and b.keys[KEY].spent[W] == 100
     conserved(b, 1000)
+
+
+# -- refunds and adjustments ---------------------------------------------------------------------
+
+
+def settled_book(wallet: int = 1000, rated: int = 600) -> tuple[Book, str]:
+    """A book with one settled receipt of `rated`, also known by id (as a refund loads it)."""
+    b = book(wallet=wallet)
+    b.apply(HoldOp(ACCT, "r", KEY, W, 600))
+    res = b.apply(SettleOp(ACCT, "r", KEY, W, rated, "settled", {}))
+    b.receipts_by_id[res.receipt_id] = b.receipts["r"]
+    return b, res.receipt_id
+
+
+def test_refund_partial_then_rest_then_nothing_left() -> None:
+    b, rid = settled_book(rated=600)
+    first = b.apply(RefundOp(ACCT, rid, 250, "k1", "wrong answer"))
+    assert (first.receipt_amount_nano, first.receipt_refunded_nano, first.replayed) == (600, 250, False)
+    assert b.buckets[(ACCT, W)].balance_nano == 1000 - 600 + 250
+    t = b.transfers[-1]
+    assert (t.kind, t.src, t.dst, t.amount_nano, t.receipt_id, t.ref, t.key_id) == (
+        "refund", "revenue", "customer", 250, rid, first.refund.id, KEY)
+    assert b.keys[KEY].spent[W] == 600  # limits cap gross spend: a refund does not reopen them
+    with pytest.raises(TFError) as e:
+        b.apply(RefundOp(ACCT, rid, 351, "k2"))
+    assert (e.value.code, e.value.param) == ("invalid_request", "amount_nano")
+    assert "at most 0.00000035 can still be refunded" in e.value.message
+    b.apply(RefundOp(ACCT, rid, 350, "k3"))
+    assert b.receipts_by_id[rid].refunded_nano == 600 and b.buckets[(ACCT, W)].balance_nano == 1000
+    with pytest.raises(TFError) as e:
+        b.apply(RefundOp(ACCT, rid, 1, "k4"))
+    assert e.value.code == "invalid_request"
+    assert [r.amount_nano for r in b.new_refunds] == [250, 350]
+
+
+def test_refund_replay_conflict_and_refusals_move_nothing() -> None:
+    b, rid = settled_book()
+    b.apply(RefundOp(ACCT, rid, 100, "k1"))
+    n = len(b.transfers)
+    again = b.apply(RefundOp(ACCT, rid, 100, "k1"))
+    assert again.replayed and again.receipt_refunded_nano == 100 and len(b.transfers) == n
+    for op in (RefundOp(ACCT, rid, 101, "k1"), RefundOp(ACCT, rid, 100, "k1", "other reason")):
+        with pytest.raises(TFError) as e:
+            b.apply(op)
+        assert (e.value.code, e.value.param) == ("conflict", "idempotency_key")
+    with pytest.raises(TFError) as e:
+        b.apply(RefundOp(ACCT, "rcpt_unknown", 1, "k9"))
+    assert (e.value.code, e.value.param) == ("not_found", "receipt_id")
+    for op, param in ((RefundOp(ACCT, rid, 0, "k9"), "amount_nano"), (RefundOp(ACCT, rid, 1, ""), "idempotency_key"),
+                      (RefundOp(ACCT, rid, 1, "k9", "x" * 501), "reason")):
+        with pytest.raises(TFError) as e:
+            b.apply(op)
+        assert (e.value.code, e.value.param) == ("invalid_request", param)
+    assert len(b.transfers) == n and b.receipts_by_id[rid].refunded_nano == 100
+
+
+def test_refund_of_a_receipt_that_collected_nothing() -> None:
+    b, rid = settled_book(rated=0)
+    with pytest.raises(TFError) as e:
+        b.apply(RefundOp(ACCT, rid, 1, "k"))
+    assert (e.value.code, e.value.param) == ("invalid_request", "amount_nano")
+    assert "collected nothing" in e.value.message
+
+
+def test_adjust_credit_and_debit_within_available() -> None:
+    b = book(wallet=1000)
+    b.apply(HoldOp(ACCT, "r", KEY, W, 600))  # available 400
+    credit = b.apply(AdjustOp(ACCT, W, "credit", 50, "goodwill", "a1"))
+    assert not credit.replayed and b.buckets[(ACCT, W)].balance_nano == 1050
+    assert (b.transfers[-1].src, b.transfers[-1].dst, b.transfers[-1].kind) == ("funding", "customer", "adjustment")
+    with pytest.raises(TFError) as e:
+        b.apply(AdjustOp(ACCT, W, "debit", 451, "mistaken top-up", "a2"))
+    assert (e.value.code, e.value.param) == ("insufficient_balance", "amount_nano")
+    debit = b.apply(AdjustOp(ACCT, W, "debit", 450, "mistaken top-up", "a3"))
+    assert b.buckets[(ACCT, W)].available_nano == 0 and b.buckets[(ACCT, W)].held_nano == 600
+    assert (b.transfers[-1].src, b.transfers[-1].dst, b.transfers[-1].key_id) == ("customer", "funding", None)
+    assert b.apply(AdjustOp(ACCT, W, "debit", 450, "mistaken top-up", "a3")) == AdjustResult(debit.adjustment, True)
+    with pytest.raises(TFError) as e:
+        b.apply(AdjustOp(ACCT, W, "credit", 450, "mistaken top-up", "a3"))
+    assert e.value.code == "conflict"
+    for op, param in ((AdjustOp(ACCT, W, "up", 1, "r", "a9"), "direction"), (AdjustOp(ACCT, W, "credit", 1, " ", "a9"), "reason"),
+                      (AdjustOp(ACCT, W, "credit", -1, "r", "a9"), "amount_nano")):
+        with pytest.raises(TFError) as e:
+            b.apply(op)
+        assert (e.value.code, e.value.param) == ("invalid_request", param)
+    assert len(b.new_adjustments) == 2

@@ -1,11 +1,21 @@
 from tokenforge.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class AdjustmentDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADJUSTMENT_DIRECTION_UNSPECIFIED: _ClassVar[AdjustmentDirection]
+    ADJUSTMENT_DIRECTION_CREDIT: _ClassVar[AdjustmentDirection]
+    ADJUSTMENT_DIRECTION_DEBIT: _ClassVar[AdjustmentDirection]
+ADJUSTMENT_DIRECTION_UNSPECIFIED: AdjustmentDirection
+ADJUSTMENT_DIRECTION_CREDIT: AdjustmentDirection
+ADJUSTMENT_DIRECTION_DEBIT: AdjustmentDirection
 
 class Account(_message.Message):
     __slots__ = ("id", "name", "balances", "created_at")
@@ -52,6 +62,94 @@ class TopUpResponse(_message.Message):
     balances: _common_pb2.Balances
     replayed: bool
     def __init__(self, topup_id: _Optional[str] = ..., balances: _Optional[_Union[_common_pb2.Balances, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class RefundRequest(_message.Message):
+    __slots__ = ("receipt_id", "amount_nano", "idempotency_key", "reason")
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    receipt_id: str
+    amount_nano: int
+    idempotency_key: str
+    reason: str
+    def __init__(self, receipt_id: _Optional[str] = ..., amount_nano: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Refund(_message.Message):
+    __slots__ = ("id", "receipt_id", "account_id", "bucket", "amount_nano", "reason", "created_at", "receipt_amount_nano", "receipt_refunded_nano")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_REFUNDED_NANO_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    receipt_id: str
+    account_id: str
+    bucket: _common_pb2.Bucket
+    amount_nano: int
+    reason: str
+    created_at: str
+    receipt_amount_nano: int
+    receipt_refunded_nano: int
+    def __init__(self, id: _Optional[str] = ..., receipt_id: _Optional[str] = ..., account_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., amount_nano: _Optional[int] = ..., reason: _Optional[str] = ..., created_at: _Optional[str] = ..., receipt_amount_nano: _Optional[int] = ..., receipt_refunded_nano: _Optional[int] = ...) -> None: ...
+
+class RefundResponse(_message.Message):
+    __slots__ = ("refund", "balances", "replayed")
+    REFUND_FIELD_NUMBER: _ClassVar[int]
+    BALANCES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    refund: Refund
+    balances: _common_pb2.Balances
+    replayed: bool
+    def __init__(self, refund: _Optional[_Union[Refund, _Mapping]] = ..., balances: _Optional[_Union[_common_pb2.Balances, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class AdjustRequest(_message.Message):
+    __slots__ = ("account_id", "bucket", "amount_nano", "direction", "reason", "idempotency_key")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    bucket: _common_pb2.Bucket
+    amount_nano: int
+    direction: AdjustmentDirection
+    reason: str
+    idempotency_key: str
+    def __init__(self, account_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., amount_nano: _Optional[int] = ..., direction: _Optional[_Union[AdjustmentDirection, str]] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class Adjustment(_message.Message):
+    __slots__ = ("id", "account_id", "bucket", "direction", "amount_nano", "reason", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    account_id: str
+    bucket: _common_pb2.Bucket
+    direction: AdjustmentDirection
+    amount_nano: int
+    reason: str
+    created_at: str
+    def __init__(self, id: _Optional[str] = ..., account_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., direction: _Optional[_Union[AdjustmentDirection, str]] = ..., amount_nano: _Optional[int] = ..., reason: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+
+class AdjustResponse(_message.Message):
+    __slots__ = ("adjustment", "balances", "replayed")
+    ADJUSTMENT_FIELD_NUMBER: _ClassVar[int]
+    BALANCES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    adjustment: Adjustment
+    balances: _common_pb2.Balances
+    replayed: bool
+    def __init__(self, adjustment: _Optional[_Union[Adjustment, _Mapping]] = ..., balances: _Optional[_Union[_common_pb2.Balances, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class KeyLimits(_message.Message):
     __slots__ = ("wallet_total_nano", "wallet_daily_nano", "credit_total_nano", "credit_daily_nano")

@@ -65,6 +65,16 @@ class LedgerServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_ledger__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.Refund = channel.unary_unary(
+                '/tokenforge.v1.LedgerService/Refund',
+                request_serializer=tokenforge_dot_v1_dot_ledger__pb2.RefundRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.RefundResponse.FromString,
+                _registered_method=True)
+        self.Adjust = channel.unary_unary(
+                '/tokenforge.v1.LedgerService/Adjust',
+                request_serializer=tokenforge_dot_v1_dot_ledger__pb2.AdjustRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.AdjustResponse.FromString,
+                _registered_method=True)
         self.AuthenticateKey = channel.unary_unary(
                 '/tokenforge.v1.LedgerService/AuthenticateKey',
                 request_serializer=tokenforge_dot_v1_dot_ledger__pb2.AuthenticateKeyRequest.SerializeToString,
@@ -174,6 +184,22 @@ class LedgerServiceServicer:
 
     def ListKeys(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Refund(self, request, context):
+        """Give back all or part of what a receipt collected (revenue → customer, its bucket).
+        Idempotent by idempotency_key; the receipt's refunds never add up past its amount.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Adjust(self, request, context):
+        """Credit (funding → customer) or debit (customer → funding) a bucket, with a reason.
+        Idempotent by idempotency_key; a debit never takes the available balance below zero.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -303,6 +329,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.ListKeysRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_ledger__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'Refund': grpc.unary_unary_rpc_method_handler(
+                    servicer.Refund,
+                    request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.RefundRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_ledger__pb2.RefundResponse.SerializeToString,
+            ),
+            'Adjust': grpc.unary_unary_rpc_method_handler(
+                    servicer.Adjust,
+                    request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.AdjustRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_ledger__pb2.AdjustResponse.SerializeToString,
             ),
             'AuthenticateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.AuthenticateKey,
@@ -538,6 +574,60 @@ class LedgerService:
             '/tokenforge.v1.LedgerService/ListKeys',
             tokenforge_dot_v1_dot_ledger__pb2.ListKeysRequest.SerializeToString,
             tokenforge_dot_v1_dot_ledger__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Refund(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.LedgerService/Refund',
+            tokenforge_dot_v1_dot_ledger__pb2.RefundRequest.SerializeToString,
+            tokenforge_dot_v1_dot_ledger__pb2.RefundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Adjust(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.LedgerService/Adjust',
+            tokenforge_dot_v1_dot_ledger__pb2.AdjustRequest.SerializeToString,
+            tokenforge_dot_v1_dot_ledger__pb2.AdjustResponse.FromString,
             options,
             channel_credentials,
             insecure,
