@@ -2,9 +2,10 @@
 
 Random top-ups, holds (also in the other bucket, as a fallback does), captures above and
 below the hold, failed settlements, releases, expiries (a fake clock that may cross UTC
-midnight), replays and concurrent bursts, over two accounts with capped and uncapped keys.
+midnight), refunds (partial, too large, replayed), adjustments (credits, debits beyond what is
+available), replays and concurrent bursts, over two accounts with capped and uncapped keys.
 A plain model predicts every result; after every step the database must match the model and
-conservation must hold per unit: top-ups = balances + charges.
+conservation must hold per unit: top-ups + net adjustments = balances + charges - refunds.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from tokenforge.errors import TFError
 from tokenforge.ledger import core, migrations, store
 from tokenforge.ledger.core import (
+    AdjustOp,
+    AdjustResult,
     HoldOp,
     HoldResult,
     KeyLimitsNano,
     Policy,
+    RefundOp,
+    RefundResult,
     ReleaseOp,
     SettleOp,
     SettleResult,
@@ -126,6 +131,7 @@ class MRequest:
     holds: dict[Bucket, MHold] = field(default_factory=dict)
     settled: SettleResult | None = None
     settle_args: tuple | None = None
+    refunded: int = 0
 
 
 amounts = st.integers(min_value=1, max_value=5_000)
@@ -140,6 +146,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.held: dict[tuple[str, Bucket], int] = {}
         self.topups: dict[str, int] = {"CNY": 0, "CREDIT": 0}
         self.charged: dict[str, int] = {"CNY": 0, "CREDIT": 0}
+        self.refunded: dict[str, int] = {"CNY": 0, "CREDIT": 0}
+        self.adjusted: dict[str, int] = {"CNY": 0, "CREDIT": 0}  # credits - debits
+        self.refund_log: list[tuple[RefundOp, RefundResult]] = []
         self.keys: list[MKey] = []
         self.requests: list[MRequest] = []
         self.topup_log: list[TopUpOp] = []
@@ -291,8 +300,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert isinstance(result, HoldResult) and result.replayed and result.hold_id == hold.hold_id
 
     @precondition(lambda self: [r for r in self.requests if r.settled is None])
-    @rule(i=st.integers(0, 1000), pick=st.integers(0, 1), factor=st.sampled_from([0, 0.3, 1, 1.7, 3]), failed=st.booleans())
-    def settle(self, i: int, pick: int, factor: float, failed: bool) -> None:
+    @rule(i=st.integers(0, 1000), pick=st.integers(0, 1), factor=st.sampled_from([0, 0.3, 1, 1.7, 3]), failed=st.booleans(),
+          then_refund=st.sampled_from([None, None, 0.5, 1, 1.2]))
+    def settle(self, i: int, pick: int, factor: float, failed: bool, then_refund: float | None) -> None:
         open_reqs = [r for r in self.requests if r.settled is None]
         req = open_reqs[i % len(open_reqs)]
         key = req.key
@@ -332,6 +342,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert amount + uncollected == rated
         req.settled = result
         req.settle_args = args
+        if then_refund is not None and result.amount_nano > 0:
+            self._refund(req, then_refund, 0)
 
     @precondition(lambda self: [r for r in self.requests if r.settled is not None])
     @rule(i=st.integers(0, 1000))
@@ -358,6 +370,57 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             assert result.replayed
 
+    def _refundable(self) -> list[MRequest]:
+        return [r for r in self.requests if r.settled is not None and r.settled.amount_nano > 0]
+
+    @precondition(lambda self: self._refundable())
+    @rule(i=st.integers(0, 1000), share=st.sampled_from([0.1, 0.5, 1, 1.2]), extra=st.sampled_from([0, 1]))
+    def refund(self, i: int, share: float, extra: int) -> None:
+        self._refund(self._refundable()[i % len(self._refundable())], share, extra)
+
+    def _refund(self, req: MRequest, share: float, extra: int) -> None:
+        assert req.settled is not None and req.settle_args is not None
+        collected = req.settled.amount_nano
+        amount = max(int(collected * share), 1) + extra
+        op = RefundOp(req.key.account_id, req.settled.receipt_id, amount, "smf-" + secrets.token_hex(6))
+        result = self.submit(op)
+        if amount > collected - req.refunded:
+            assert isinstance(result, TFError) and (result.code, result.param) == ("invalid_request", "amount_nano")
+            return
+        assert isinstance(result, RefundResult) and not result.replayed, result
+        bucket = req.settle_args[0]
+        req.refunded += amount
+        assert (result.receipt_amount_nano, result.receipt_refunded_nano) == (collected, req.refunded)
+        self.balance[(req.key.account_id, bucket)] += amount
+        self.refunded[bucket.unit] += amount
+        self.refund_log.append((op, result))
+
+    @precondition(lambda self: self.refund_log)
+    @rule(i=st.integers(0, 1000), different=st.booleans())
+    def replay_refund(self, i: int, different: bool) -> None:
+        op, first = self.refund_log[i % len(self.refund_log)]
+        if different:
+            op = RefundOp(op.account_id, op.receipt_id, op.amount_nano + 1, op.idempotency_key)
+        result = self.submit(op)
+        if different:
+            assert isinstance(result, TFError) and result.code == "conflict"
+        else:
+            assert isinstance(result, RefundResult) and result.replayed and result.refund.id == first.refund.id
+
+    @rule(k=st.integers(0, 3), bucket=st.sampled_from(Bucket), debit=st.booleans(), amount=st.integers(1, 20_000))
+    def adjust(self, k: int, bucket: Bucket, debit: bool, amount: int) -> None:
+        account_id = self.keys[k].account_id
+        op = AdjustOp(account_id, bucket, "debit" if debit else "credit", amount, "sm", "sma-" + secrets.token_hex(6))
+        result = self.submit(op)
+        if debit and self.available(account_id, bucket) < amount:
+            assert isinstance(result, TFError) and result.code == "insufficient_balance", result
+            return
+        assert isinstance(result, AdjustResult) and not result.replayed, result
+        assert self.submit(op) == AdjustResult(result.adjustment, replayed=True)
+        signed = -amount if debit else amount
+        self.balance[(account_id, bucket)] += signed
+        self.adjusted[bucket.unit] += signed
+
     @rule(seconds=st.sampled_from([0, 1, 2, 30, 90, 400]))
     def time_passes_and_reaper_runs(self, seconds: int) -> None:
         self.env.now += dt.timedelta(seconds=seconds)
@@ -381,7 +444,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     "SELECT account_id, bucket, balance_nano, held_nano FROM buckets WHERE account_id = ANY($1)", accounts
                 )
                 charged = await conn.fetch(
-                    """SELECT bucket, sum(amount_nano) AS s FROM receipts
+                    """SELECT bucket, sum(amount_nano) AS s, sum(refunded_nano) AS refunded FROM receipts
                         WHERE account_id = ANY($1) AND bucket IS NOT NULL GROUP BY bucket""", accounts
                 )
                 journal = await conn.fetch(
@@ -394,6 +457,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
         buckets, charged, journal = self.env.run(read())
         db_charged = {Bucket(r["bucket"]).unit: int(r["s"]) for r in charged}
+        db_refunded = {Bucket(r["bucket"]).unit: int(r["refunded"]) for r in charged}
         balances = {"CNY": 0, "CREDIT": 0}
         for r in buckets:
             key = (r["account_id"], Bucket(r["bucket"]))
@@ -405,7 +469,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (r["avail"], r["held"]) == (self.balance[key] - self.held[key], self.held[key]), key
         for unit in ("CNY", "CREDIT"):
             assert db_charged.get(unit, 0) == self.charged[unit]
-            assert self.topups[unit] == balances[unit] + self.charged[unit], unit
+            assert db_refunded.get(unit, 0) == self.refunded[unit]
+            assert self.topups[unit] + self.adjusted[unit] == balances[unit] + self.charged[unit] - self.refunded[unit], unit
         for k in self.keys:
             for b in Bucket:
                 total, daily = k.caps[b]
