@@ -48,6 +48,23 @@ def add_arguments(admin: argparse.ArgumentParser) -> None:
     topup.add_argument("amount", help='a decimal string, e.g. "10.00"')
     topup.add_argument("--idempotency-key", default=None)
 
+    refund = sub.add_parser("refund", help="give back all or part of what a receipt collected", parents=[conn])
+    refund.add_argument("receipt_id")
+    refund.add_argument("--amount", required=True, help='a decimal string, e.g. "0.01"')
+    refund.add_argument("--idempotency-key", required=True,
+                        help="required: running the command again with the same key refunds once")
+    refund.add_argument("--reason", default=None)
+
+    adjust = sub.add_parser("adjust", help="credit or debit a bucket, with a reason", parents=[conn])
+    adjust.add_argument("account_id")
+    adjust.add_argument("--bucket", required=True, choices=["wallet", "credit"])
+    adjust.add_argument("--amount", required=True, help='a positive decimal string, e.g. "1.00"')
+    adjust.add_argument("--direction", required=True, choices=["credit", "debit"],
+                        help="credit adds to the bucket, debit takes from its available balance")
+    adjust.add_argument("--reason", required=True)
+    adjust.add_argument("--idempotency-key", required=True,
+                        help="required: running the command again with the same key adjusts once")
+
     key = sub.add_parser("key", help="API keys")
     key_sub = key.add_subparsers(dest="action", required=True)
     kc = key_sub.add_parser("create", parents=[conn])
@@ -114,6 +131,30 @@ def _balances_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bucket_line(data: dict[str, Any]) -> str:
+    b = data["balance"]
+    return f"{data['bucket']} now: balance {b['balance']}  held {b['held']}  available {b['available']} {b['unit']}"
+
+
+def _refund_text(data: dict[str, Any]) -> str:
+    r = data["receipt"]
+    return "\n".join([
+        f"{'replayed: ' if data['replayed'] else ''}refund {data['id']}: {data['amount']} {data['unit']} "
+        f"back to {data['account_id']}/{data['bucket']} from receipt {data['receipt_id']}",
+        f"receipt collected {r['amount']}, refunded {r['refunded']}, refundable {r['refundable']}",
+        _bucket_line(data),
+    ])
+
+
+def _adjustment_text(data: dict[str, Any]) -> str:
+    sign = "+" if data["direction"] == "credit" else "-"
+    return "\n".join([
+        f"{'replayed: ' if data['replayed'] else ''}adjustment {data['id']}: {data['direction']} "
+        f"{sign}{data['amount']} {data['unit']} on {data['account_id']}/{data['bucket']} ({data['reason']})",
+        _bucket_line(data),
+    ])
+
+
 def run_admin(ns: argparse.Namespace) -> int:
     cmd = ns.admin_command
     if cmd == "account" and ns.action == "create":
@@ -126,6 +167,17 @@ def run_admin(ns: argparse.Namespace) -> int:
         body = {"bucket": ns.bucket, "amount": ns.amount, "idempotency_key": ns.idempotency_key or uuid.uuid4().hex}
         data = _request(ns, "POST", f"/admin/v1/accounts/{ns.account_id}/topups", body)
         _print(ns, data, _balances_text(data))
+    elif cmd == "refund":
+        body = {"amount": ns.amount, "idempotency_key": ns.idempotency_key}
+        if ns.reason is not None:
+            body["reason"] = ns.reason
+        data = _request(ns, "POST", f"/admin/v1/receipts/{ns.receipt_id}/refunds", body)
+        _print(ns, data, _refund_text(data))
+    elif cmd == "adjust":
+        body = {"bucket": ns.bucket, "amount": ns.amount, "direction": ns.direction, "reason": ns.reason,
+                "idempotency_key": ns.idempotency_key}
+        data = _request(ns, "POST", f"/admin/v1/accounts/{ns.account_id}/adjustments", body)
+        _print(ns, data, _adjustment_text(data))
     elif cmd == "key" and ns.action == "create":
         limits: dict[str, dict[str, str]] = {}
         for bucket in ("wallet", "credit"):

@@ -295,6 +295,18 @@ class Edge:
         out = shapes.balances_json(resp.balances) | {"topup_id": resp.topup_id, "replayed": resp.replayed}
         return _json(out, 200 if resp.replayed else 201)
 
+    async def refund(self, request: Request) -> Response:
+        self.require_admin(request)
+        body = await self.read_json(request)
+        resp = await self.call(self.ledger.Refund, shapes.refund_request(request.path_params["receipt_id"], body))
+        return _json(shapes.refund_json(resp), 200 if resp.replayed else 201)
+
+    async def adjust(self, request: Request) -> Response:
+        self.require_admin(request)
+        body = await self.read_json(request)
+        resp = await self.call(self.ledger.Adjust, shapes.adjustment_request(request.path_params["account_id"], body))
+        return _json(shapes.adjustment_json(resp), 200 if resp.replayed else 201)
+
     async def create_key(self, request: Request) -> Response:
         self.require_admin(request)
         body = await self.read_json(request)
@@ -429,12 +441,14 @@ def build_app(edge: Edge) -> Starlette:
         Route("/admin/v1/accounts", wrap(edge.create_account), methods=["POST"]),
         Route("/admin/v1/accounts/{account_id}", wrap(edge.get_account), methods=["GET"]),
         Route("/admin/v1/accounts/{account_id}/topups", wrap(edge.topup), methods=["POST"]),
+        Route("/admin/v1/accounts/{account_id}/adjustments", wrap(edge.adjust), methods=["POST"]),
         Route("/admin/v1/accounts/{account_id}/receipts", wrap(edge.admin_receipts), methods=["GET"]),
         Route("/admin/v1/accounts/{account_id}/statement", wrap(edge.statement), methods=["GET"]),
         Route("/admin/v1/keys", wrap(edge.create_key), methods=["POST"]),
         Route("/admin/v1/keys", wrap(edge.list_keys), methods=["GET"]),
         Route("/admin/v1/keys/{key_id}/revoke", wrap(edge.revoke_key), methods=["POST"]),
         Route("/admin/v1/receipts/{receipt_id}", wrap(edge.admin_receipt), methods=["GET"]),
+        Route("/admin/v1/receipts/{receipt_id}/refunds", wrap(edge.refund), methods=["POST"]),
         Route("/admin/v1/audit", wrap(edge.audit), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})

@@ -12,7 +12,13 @@ POLICY_TO_PB = {"routed": common_pb2.ROUTE_POLICY_ROUTED, "direct": common_pb2.R
                 "auto": common_pb2.ROUTE_POLICY_AUTO}
 POLICY_FROM_PB = {v: k for k, v in POLICY_TO_PB.items()}
 BUCKET_TO_PB = {"wallet": common_pb2.BUCKET_WALLET, "credit": common_pb2.BUCKET_CREDIT}
+BUCKET_FROM_PB = {v: k for k, v in BUCKET_TO_PB.items()}
+UNIT_OF_BUCKET = {"wallet": "CNY", "credit": "CREDIT"}
+DIRECTION_TO_PB = {"credit": ledger_pb2.ADJUSTMENT_DIRECTION_CREDIT, "debit": ledger_pb2.ADJUSTMENT_DIRECTION_DEBIT}
+DIRECTION_FROM_PB = {v: k for k, v in DIRECTION_TO_PB.items()}
 MAX_NAME_CHARS = 200
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_REASON_CHARS = 500
 
 
 def bucket_json(b: common_pb2.BucketBalance, unit: str) -> dict[str, str]:
@@ -94,16 +100,107 @@ def bucket_field(value: Any, param: str = "bucket") -> int:
     return BUCKET_TO_PB[value]
 
 
-def topup_request(account_id: str, body: dict[str, Any]) -> ledger_pb2.TopUpRequest:
+def idempotency_key_field(body: dict[str, Any]) -> str:
     idem = body.get("idempotency_key")
-    if not isinstance(idem, str) or not idem.strip() or len(idem) > 200:
-        raise invalid("`idempotency_key` is required: a string of at most 200 characters that makes a retry safe.", "idempotency_key")
+    if not isinstance(idem, str) or not idem.strip() or len(idem) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise invalid(f"`idempotency_key` is required: a string of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters "
+                      "that makes a retry safe.", "idempotency_key")
+    return idem
+
+
+def reason_field(body: dict[str, Any], *, required: bool) -> str:
+    value = body.get("reason")
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise invalid("`reason` is required: say why the money moves (a string).", "reason")
+    if len(value) > MAX_REASON_CHARS:
+        raise invalid(f"`reason` may be at most {MAX_REASON_CHARS} characters.", "reason")
+    if not value.isprintable():
+        raise invalid("`reason` must be printable text (no control characters).", "reason")
+    return value
+
+
+def topup_request(account_id: str, body: dict[str, Any]) -> ledger_pb2.TopUpRequest:
+    idem = idempotency_key_field(body)
     return ledger_pb2.TopUpRequest(
         account_id=account_id,
         bucket=bucket_field(body.get("bucket")),
         amount_nano=amount_field(body.get("amount"), "amount"),
         idempotency_key=idem,
     )
+
+
+def refund_request(receipt_id: str, body: dict[str, Any]) -> ledger_pb2.RefundRequest:
+    """`{amount, idempotency_key, reason?}`: amount is a positive decimal string."""
+    return ledger_pb2.RefundRequest(
+        receipt_id=receipt_id,
+        amount_nano=amount_field(body.get("amount"), "amount"),
+        idempotency_key=idempotency_key_field(body),
+        reason=reason_field(body, required=False),
+    )
+
+
+def adjustment_request(account_id: str, body: dict[str, Any]) -> ledger_pb2.AdjustRequest:
+    """`{bucket, amount, direction, reason, idempotency_key}`: amount is a positive decimal
+    string and `direction` says which way it moves (`credit` adds, `debit` takes away)."""
+    direction = body.get("direction")
+    if direction not in DIRECTION_TO_PB:
+        raise invalid("`direction` must be `credit` (add to the bucket) or `debit` (take from it).", "direction")
+    return ledger_pb2.AdjustRequest(
+        account_id=account_id,
+        bucket=bucket_field(body.get("bucket")),
+        amount_nano=amount_field(body.get("amount"), "amount"),
+        direction=DIRECTION_TO_PB[direction],
+        reason=reason_field(body, required=True),
+        idempotency_key=idempotency_key_field(body),
+    )
+
+
+def one_bucket_json(balances: common_pb2.Balances, bucket: str) -> dict[str, str]:
+    b = balances.wallet if bucket == "wallet" else balances.credit
+    return bucket_json(b, UNIT_OF_BUCKET[bucket])
+
+
+def refund_json(resp: ledger_pb2.RefundResponse) -> dict[str, Any]:
+    r = resp.refund
+    bucket = BUCKET_FROM_PB[r.bucket]
+    return {
+        "id": r.id,
+        "object": "refund",
+        "receipt_id": r.receipt_id,
+        "account_id": r.account_id,
+        "bucket": bucket,
+        "unit": UNIT_OF_BUCKET[bucket],
+        "amount": format_nano(r.amount_nano),
+        "reason": r.reason or None,
+        "created_at": r.created_at,
+        "receipt": {
+            "amount": format_nano(r.receipt_amount_nano),
+            "refunded": format_nano(r.receipt_refunded_nano),
+            "refundable": format_nano(r.receipt_amount_nano - r.receipt_refunded_nano),
+        },
+        "balance": one_bucket_json(resp.balances, bucket),
+        "replayed": resp.replayed,
+    }
+
+
+def adjustment_json(resp: ledger_pb2.AdjustResponse) -> dict[str, Any]:
+    a = resp.adjustment
+    bucket = BUCKET_FROM_PB[a.bucket]
+    return {
+        "id": a.id,
+        "object": "adjustment",
+        "account_id": a.account_id,
+        "bucket": bucket,
+        "unit": UNIT_OF_BUCKET[bucket],
+        "direction": DIRECTION_FROM_PB[a.direction],
+        "amount": format_nano(a.amount_nano),
+        "reason": a.reason,
+        "created_at": a.created_at,
+        "balance": one_bucket_json(resp.balances, bucket),
+        "replayed": resp.replayed,
+    }
 
 
 def key_request(body: dict[str, Any]) -> ledger_pb2.CreateKeyRequest:
