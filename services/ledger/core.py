@@ -1,7 +1,7 @@
 """The ledger's rules: pure Python, no I/O.
 
 A `Book` is the slice of ledger state one batch of operations touches (bucket rows, keys,
-runs, holds, top-ups and receipts, loaded and locked by the store). `apply()` runs one
+runs, holds, top-ups, receipts, refunds and adjustments, loaded by the store). `apply()` runs one
 operation against it: it checks everything first and raises `TFError` before changing
 anything, so a refused operation leaves the book exactly as it was; an accepted one mutates
 the in-memory rows and appends what must be written (transfers, new rows) to the book.

@@ -412,7 +412,7 @@ async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot) -> No
 
     Every updated row is updated only if it still holds the values the batch read (`snap`);
     rows the batch created are protected by unique keys (request id + bucket, receipt per
-    request, top-up idempotency key). Either check failing raises, and the batch is re-read
+    request, the idempotency keys of top-ups, refunds and adjustments). Either check failing raises, and the batch is re-read
     and re-applied by the writer.
     """
     w = _Writes()

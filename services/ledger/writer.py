@@ -4,8 +4,9 @@ keeps its own result, idempotency and no-overshoot check.
 
 How a batch runs (two round trips, whatever its size):
 1. One statement reads everything the operations may touch: the accounts' bucket rows, the
-   holds of their request ids, the keys, runs, receipts and top-ups involved. One statement
-   is one snapshot, so the reads agree with each other.
+   holds of their request ids, the keys, runs, receipts and top-ups involved (and, in a batch
+   with a refund or an adjustment, the receipts refunded and earlier refunds and adjustments
+   by idempotency key). One statement is one snapshot, so the reads agree with each other.
 2. The pure core (`core.Book`) applies the operations one after another to that in-memory
    state. Each sees the effect of the ones before it — a second hold on the hot account sees
    the first one's reservation, a replay sees the hold made earlier in the same batch —
