@@ -228,6 +228,8 @@ def receipt_text(r: dict[str, Any]) -> str:
         p = r["price"]
         lines.append(f"price per 1M: input {p['input']} output {p['output']} cached {p['cached_input']} {p['unit']}")
     lines.append(f"amount {r['amount']} {r.get('unit') or ''} from {r.get('bucket') or '-'}  held {r.get('held')}  released {r.get('released')}  uncollected {r.get('uncollected')}")
+    if r.get("refunded") not in (None, "0"):
+        lines.append(f"refunded {r['refunded']} {r.get('unit') or ''}")
     fb = r.get("fallback") or {}
     if fb.get("used"):
         lines.append(f"fallback from {fb['primary_channel']}: primary would have cost {fb['primary_price_amount']} {fb['primary_unit']}, extra {fb['extra_cost']}")

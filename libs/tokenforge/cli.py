@@ -1,4 +1,4 @@
-"""The `tokenforge` command (SPEC §2)."""
+"""tokenforge: run the gateway (`up`), manage accounts, keys and money (`admin`), read receipts and run reports."""
 
 from __future__ import annotations
 

@@ -256,6 +256,8 @@ def up(*, catalog: str | None, data_dir: str, http_port: int) -> int:
         print(exc, file=sys.stderr, flush=True)
         return_code = 1
     finally:
+        started_something = bool(stack.children) or stack.pg is not None
         stack.stop()
-    print("tokenforge stopped", flush=True)
+    if started_something:  # not after a refusal (another up holds the data folder)
+        print("tokenforge stopped", flush=True)
     return return_code

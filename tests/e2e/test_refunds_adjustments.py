@@ -125,4 +125,8 @@ def test_refund_and_adjust_through_the_cli(stack) -> None:
     assert missing.returncode != 0 and "--reason" in missing.stderr
     statement = tf_admin(stack, "statement", c.account_id)
     assert statement.returncode == 0 and "refund" in statement.stdout and "adjustment" in statement.stdout
+    shown = subprocess.run([sys.executable, "-m", "tokenforge.cli", "receipt", receipt_id, "--url", stack.url,
+                            "--admin-token", stack.admin_token], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "refunded 0.000001 CNY" in shown.stdout  # the table shows the refund, not only --json
     assert tf_admin(stack, "audit").returncode == 0

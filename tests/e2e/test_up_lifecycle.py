@@ -87,6 +87,7 @@ def test_a_second_up_on_the_same_data_dir_is_refused_and_harms_nothing(tmp_path)
                                  "--http-port", "0"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
         assert "another `tokenforge up` is using" in second.stderr + second.stdout
+        assert "tokenforge stopped" not in second.stdout  # it never started anything
         assert httpx.get(first.url + "/health").status_code == 200
     finally:
         assert first.stop() == 0
