@@ -310,7 +310,16 @@ class Edge:
     async def create_key(self, request: Request) -> Response:
         self.require_admin(request)
         body = await self.read_json(request)
-        created = await self.call(self.ledger.CreateKey, shapes.key_request(body))
+        key_request = shapes.key_request(body)
+        if key_request.allowed_models:
+            # A name the catalog does not have would make a key that can call nothing.
+            catalog = await self.call(self.router.CatalogModels, router_pb2.ListModelsRequest())
+            unknown = [m for m in key_request.allowed_models if m not in set(catalog.models)]
+            if unknown:
+                raise shapes.invalid(
+                    f"`allowed_models` names models the catalog does not have: {', '.join(unknown)}. "
+                    f"The catalog has: {', '.join(catalog.models)}.", "allowed_models")
+        created = await self.call(self.ledger.CreateKey, key_request)
         return _json(shapes.key_json(created.key) | {"key": created.secret}, 201)
 
     async def revoke_key(self, request: Request) -> Response:

@@ -47,6 +47,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ListModelsResponse(models=self.router.list_models(key))
 
     @rpc_method
+    async def CatalogModels(self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
+        return router_pb2.ListModelsResponse(models=sorted(self.router.catalog.models))
+
+    @rpc_method
     async def CreateRun(self, request: router_pb2.StartRunRequest, context: grpc.aio.ServicerContext) -> router_pb2.RunResponse:
         key = await self.router.authenticate(context.invocation_metadata())
         return router_pb2.RunResponse(body_json=await runs.create_run(self.router.backends, key, request.body_json))

@@ -177,3 +177,20 @@ def test_a_receipt_cursor_of_another_key_is_refused_like_an_unknown_one(stack, c
         unknown = c.get("/v1/receipts?after=rcpt_doesnotexist")
     assert foreign.status_code == unknown.status_code == 400
     assert foreign.json()["error"]["param"] == unknown.json()["error"]["param"] == "after"
+
+
+def test_a_key_may_only_allow_models_the_catalog_has(stack) -> None:
+    c = make_customer(stack)
+    with stack.admin() as admin:
+        bad = admin.post("/admin/v1/keys", json={"account_id": c.account_id, "name": "typo",
+                                                 "allowed_models": ["gpt-4o-mini", "gpt-4o-mnii"]})
+        assert bad.status_code == 400, bad.text
+        err = bad.json()["error"]
+        assert err["code"] == "invalid_request" and err["param"] == "allowed_models"
+        assert "gpt-4o-mnii" in err["message"] and "gpt-4o-mini" in err["message"].split("The catalog has:")[1]
+        keys = admin.get("/admin/v1/keys", params={"account_id": c.account_id}).json()["data"]
+        assert [k["id"] for k in keys] == [c.key_id]  # nothing was created
+        good = admin.post("/admin/v1/keys", json={"account_id": c.account_id, "name": "mini-only",
+                                                  "allowed_models": ["gpt-4o-mini"]})
+        assert good.status_code == 201, good.text
+        assert good.json()["allowed_models"] == ["gpt-4o-mini"]

@@ -52,6 +52,11 @@ class RouterServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CatalogModels = channel.unary_unary(
+                '/tokenforge.v1.RouterService/CatalogModels',
+                request_serializer=tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
         self.CreateRun = channel.unary_unary(
                 '/tokenforge.v1.RouterService/CreateRun',
                 request_serializer=tokenforge_dot_v1_dot_router__pb2.StartRunRequest.SerializeToString,
@@ -93,6 +98,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CatalogModels(self, request, context):
+        """Every model of the catalog, with no key: for the admin API, which checks a new key's
+        allowed_models against it. Model names are not secret (any key lists its own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateRun(self, request, context):
         """Runs (a long agent workflow): a pre-flight estimate with warnings, an optional budget
         held up front, and a report. Bodies are the JSON shapes of SPEC §4.
@@ -128,6 +141,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
+                    request_deserializer=tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CatalogModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.CatalogModels,
                     request_deserializer=tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
             ),
@@ -229,6 +247,33 @@ class RouterService:
             request,
             target,
             '/tokenforge.v1.RouterService/ListModels',
+            tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
+            tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatalogModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenforge.v1.RouterService/CatalogModels',
             tokenforge_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             tokenforge_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
             options,
