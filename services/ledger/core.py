@@ -365,6 +365,7 @@ class SettleOp:
     run_id: str | None = None
     run_step: str | None = None
     receipt_id: str | None = None  # chosen by the router at admission; None: the ledger makes one
+    receipt_bytes: int = 0  # the receipt JSON's size as received: the writer bounds a batch by it
 
 
 @dataclass(frozen=True, slots=True)

@@ -437,6 +437,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 run_id=request.run_id or None,
                 run_step=request.run_step or None,
                 receipt_id=request.receipt_id or None,
+                receipt_bytes=len(request.receipt_json),
             )
         )
         assert isinstance(result, SettleResult)

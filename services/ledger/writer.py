@@ -65,6 +65,7 @@ from tokenforge.ledger.core import Book, Op, Policy, Result
 log = logging.getLogger("tokenforge.ledger.writer")
 
 MAX_BATCH_OPS = 512
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # receipts of one batch (each up to 1 MiB): one statement stays small
 MAX_QUEUE_OPS = 20_000
 MAX_CONFLICT_RETRIES = 8
 MAX_IN_FLIGHT = 2  # batches of one writer in the database at once (on different accounts)
@@ -121,6 +122,7 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._kept: asyncpg.Connection | None = None
         self._kept_busy = False
+        self._carry: _Pending | None = None  # taken from the queue; starts the next batch
         self._max_in_flight = max_in_flight
         self._in_flight: dict[asyncio.Task[None], frozenset[str]] = {}  # batch → its accounts
         self.stats = BatchStats()
@@ -192,14 +194,28 @@ class Writer:
             _hand_back([(pending, TFError("unavailable", "the ledger is overloaded; retry shortly"))])
 
     def _take_queued(self, batch: list[_Pending]) -> None:
-        while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        """Add what is queued to `batch`, up to MAX_BATCH_OPS operations and MAX_BATCH_BYTES of
+        receipts; an operation that does not fit is carried over to start the next batch."""
+        size = sum(_bytes(p) for p in batch)
+        while len(batch) < MAX_BATCH_OPS and self._carry is None and not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if size + _bytes(pending) > MAX_BATCH_BYTES:
+                self._carry = pending
+                break
+            batch.append(pending)
+            size += _bytes(pending)
+
+    async def _next(self) -> _Pending:
+        if self._carry is not None:
+            pending, self._carry = self._carry, None
+            return pending
+        return await self._queue.get()
 
     async def _run(self) -> None:
         batch: list[_Pending] = []  # taken from the queue, not yet in flight
         try:
             while True:
-                batch = [await self._queue.get()]
+                batch = [await self._next()]
                 self._take_queued(batch)
                 while True:
                     accounts = frozenset(p.op.account_id for p in batch)
@@ -221,6 +237,9 @@ class Writer:
         except asyncio.CancelledError:
             # Stopped while a batch waited for one in flight: it never reached the database;
             # its callers get an answer instead of waiting forever.
+            if self._carry is not None:
+                batch.append(self._carry)
+                self._carry = None
             _hand_back([(p, TFError("unavailable", "the ledger is stopping")) for p in batch])
             raise
 
@@ -283,6 +302,10 @@ def _usable(conn: asyncpg.Connection) -> bool:
         return not conn.is_closed()
     except asyncpg.InterfaceError:
         return False
+
+
+def _bytes(pending: _Pending) -> int:
+    return getattr(pending.op, "receipt_bytes", 0)
 
 
 def _split_by_account(batch: list[_Pending], n: int) -> list[list[_Pending]]:

@@ -12,7 +12,7 @@ import pytest
 
 from tokenforge.errors import TFError
 from tokenforge.ledger import core, migrations, store, writer
-from tokenforge.ledger.core import Book, HoldOp, KeyLimitsNano, Policy, TopUpOp
+from tokenforge.ledger.core import Book, HoldOp, KeyLimitsNano, Policy, SettleOp, TopUpOp
 from tokenforge.money import Bucket
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -148,5 +148,29 @@ async def test_batches_overlap_only_on_different_accounts(pool: asyncpg.Pool, mo
             held = await conn.fetch("SELECT account_id, held_nano FROM buckets WHERE bucket = 'wallet'")
         assert problems == []
         assert {r["account_id"]: r["held_nano"] for r in held} == {a: 6 for a, _ in customers}
+    finally:
+        await group.stop()
+
+
+async def test_a_batch_holds_at_most_max_batch_bytes_of_receipts(pool: asyncpg.Pool) -> None:
+    group = writer.WriterGroup(pool, POLICY, 1)
+    group.start()
+    try:
+        account_id, key_id = await _customer(pool, group)
+        await asyncio.gather(*(group.submit(HoldOp(account_id, f"big-{i}", key_id, Bucket.WALLET, 10)) for i in range(12)))
+        stats = group.writers[0].stats
+        batches_before, stats.max_batch = stats.batches, 0  # count the settles' batches only
+        mib = 1024 * 1024
+        settles = [SettleOp(account_id, f"big-{i}", key_id, Bucket.WALLET, 5, "settled", {"n": i}, receipt_bytes=mib)
+                   for i in range(12)]
+        results = await asyncio.gather(*(group.submit(op) for op in settles))
+        assert all(r.amount_nano == 5 and not r.replayed for r in results)
+        # 12 MiB of receipts do not fit one 8 MiB batch: two batches (or more), none over 8
+        assert stats.batches - batches_before >= 2
+        assert writer.MAX_BATCH_BYTES // mib == 8 and stats.max_batch <= 8
+        async with pool.acquire() as conn:
+            problems, _ = await store.audit(conn)
+            assert await conn.fetchval("SELECT count(*) FROM receipts WHERE request_id LIKE 'big-%'") == 12
+        assert problems == []
     finally:
         await group.stop()
