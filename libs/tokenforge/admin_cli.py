@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import sys
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -101,6 +102,13 @@ def _admin_token(ns: argparse.Namespace) -> str:
     raise SystemExit("no admin token: pass --admin-token, set TF_ADMIN_TOKEN, or run from the folder where `tokenforge up` ran")
 
 
+def _seg(value: str) -> str:
+    """An id as ONE path segment: quoted, so `/`, `..`, `?` or `#` in it can never steer a
+    request to another endpoint (an "account id" of `../receipts/rcpt_x/refunds?` made
+    `admin adjust` post its body to that receipt's refunds)."""
+    return urllib.parse.quote(value, safe="")
+
+
 def _request(ns: argparse.Namespace, method: str, path: str, body: Any = None, *, admin: bool = True) -> Any:
     token = _admin_token(ns) if admin else ns.api_key
     if not token:
@@ -161,22 +169,22 @@ def run_admin(ns: argparse.Namespace) -> int:
         data = _request(ns, "POST", "/admin/v1/accounts", {"name": ns.name})
         _print(ns, data, f"created account {data['id']}")
     elif cmd in ("account", "balances"):
-        data = _request(ns, "GET", f"/admin/v1/accounts/{ns.account_id}")
+        data = _request(ns, "GET", f"/admin/v1/accounts/{_seg(ns.account_id)}")
         _print(ns, data, _balances_text(data))
     elif cmd == "topup":
         body = {"bucket": ns.bucket, "amount": ns.amount, "idempotency_key": ns.idempotency_key or uuid.uuid4().hex}
-        data = _request(ns, "POST", f"/admin/v1/accounts/{ns.account_id}/topups", body)
+        data = _request(ns, "POST", f"/admin/v1/accounts/{_seg(ns.account_id)}/topups", body)
         _print(ns, data, _balances_text(data))
     elif cmd == "refund":
         body = {"amount": ns.amount, "idempotency_key": ns.idempotency_key}
         if ns.reason is not None:
             body["reason"] = ns.reason
-        data = _request(ns, "POST", f"/admin/v1/receipts/{ns.receipt_id}/refunds", body)
+        data = _request(ns, "POST", f"/admin/v1/receipts/{_seg(ns.receipt_id)}/refunds", body)
         _print(ns, data, _refund_text(data))
     elif cmd == "adjust":
         body = {"bucket": ns.bucket, "amount": ns.amount, "direction": ns.direction, "reason": ns.reason,
                 "idempotency_key": ns.idempotency_key}
-        data = _request(ns, "POST", f"/admin/v1/accounts/{ns.account_id}/adjustments", body)
+        data = _request(ns, "POST", f"/admin/v1/accounts/{_seg(ns.account_id)}/adjustments", body)
         _print(ns, data, _adjustment_text(data))
     elif cmd == "key" and ns.action == "create":
         limits: dict[str, dict[str, str]] = {}
@@ -190,10 +198,10 @@ def run_admin(ns: argparse.Namespace) -> int:
         data = _request(ns, "POST", "/admin/v1/keys", body)
         _print(ns, data, f"created key {data['id']} ({data['route_policy']})\nsecret (shown once): {data['key']}")
     elif cmd == "key" and ns.action == "revoke":
-        data = _request(ns, "POST", f"/admin/v1/keys/{ns.key_id}/revoke")
+        data = _request(ns, "POST", f"/admin/v1/keys/{_seg(ns.key_id)}/revoke")
         _print(ns, data, f"revoked key {data['id']}")
     elif cmd == "key" and ns.action == "list":
-        data = _request(ns, "GET", f"/admin/v1/keys?account_id={ns.account}")
+        data = _request(ns, "GET", f"/admin/v1/keys?account_id={_seg(ns.account)}")
         rows = [f"{k['id']:20} {k['name']:20} {k['route_policy']:7} {'revoked' if k['revoked'] else 'active'}" for k in data["data"]]
         _print(ns, data, "\n".join(rows) or "no keys")
     elif cmd == "audit":
@@ -201,7 +209,7 @@ def run_admin(ns: argparse.Namespace) -> int:
         _print(ns, data, ("ok" if data["ok"] else "PROBLEMS:\n" + "\n".join(data["problems"])) + f" ({data['accounts_checked']} accounts checked)")
         return 0 if data["ok"] else 1
     elif cmd == "statement":
-        data = _request(ns, "GET", f"/admin/v1/accounts/{ns.account_id}/statement?limit={ns.limit}&after={ns.after}")
+        data = _request(ns, "GET", f"/admin/v1/accounts/{_seg(ns.account_id)}/statement?limit={ns.limit}&after={_seg(ns.after)}")
         head = f"{'at':32} {'kind':12} {'bucket':7} {'amount':>18} {'balance':>18} receipt"
         rows = [f"{e['at']:32} {e['kind']:12} {e['bucket'] or '':7} {e['amount']:>18} {e['balance']:>18} {e['receipt_id'] or ''}" for e in data["data"]]
         _print(ns, data, "\n".join([head, *rows]) if rows else "no entries")
@@ -238,9 +246,9 @@ def receipt_text(r: dict[str, Any]) -> str:
 
 def show_receipt(ns: argparse.Namespace) -> int:
     if ns.api_key:
-        data = _request(ns, "GET", f"/v1/receipts/{ns.id}", admin=False)
+        data = _request(ns, "GET", f"/v1/receipts/{_seg(ns.id)}", admin=False)
     else:
-        data = _request(ns, "GET", f"/admin/v1/receipts/{ns.id}")
+        data = _request(ns, "GET", f"/admin/v1/receipts/{_seg(ns.id)}")
     _print(ns, data, receipt_text(data))
     return 0
 
@@ -248,7 +256,7 @@ def show_receipt(ns: argparse.Namespace) -> int:
 def show_run_report(ns: argparse.Namespace) -> int:
     from tokenforge.report import report_text
 
-    data = _request(ns, "GET", f"/v1/runs/{ns.id}", admin=False)
+    data = _request(ns, "GET", f"/v1/runs/{_seg(ns.id)}", admin=False)
     _print(ns, data, report_text(data))
     return 0
 

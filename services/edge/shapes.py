@@ -95,7 +95,7 @@ def amount_field(value: Any, param: str, *, allow_zero: bool = False) -> int:
 
 
 def bucket_field(value: Any, param: str = "bucket") -> int:
-    if value not in BUCKET_TO_PB:
+    if not isinstance(value, str) or value not in BUCKET_TO_PB:  # a JSON object or array is unhashable
         raise invalid(f"`{param}` must be `wallet` or `credit`.", param)
     return BUCKET_TO_PB[value]
 
@@ -105,6 +105,9 @@ def idempotency_key_field(body: dict[str, Any]) -> str:
     if not isinstance(idem, str) or not idem.strip() or len(idem) > MAX_IDEMPOTENCY_KEY_CHARS:
         raise invalid(f"`idempotency_key` is required: a string of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters "
                       "that makes a retry safe.", "idempotency_key")
+    if not idem.isprintable():
+        # NUL cannot be stored, a lone surrogate cannot be sent on: refused here, as the client's mistake.
+        raise invalid("`idempotency_key` must be printable text (no control characters).", "idempotency_key")
     return idem
 
 
@@ -145,7 +148,7 @@ def adjustment_request(account_id: str, body: dict[str, Any]) -> ledger_pb2.Adju
     """`{bucket, amount, direction, reason, idempotency_key}`: amount is a positive decimal
     string and `direction` says which way it moves (`credit` adds, `debit` takes away)."""
     direction = body.get("direction")
-    if direction not in DIRECTION_TO_PB:
+    if not isinstance(direction, str) or direction not in DIRECTION_TO_PB:
         raise invalid("`direction` must be `credit` (add to the bucket) or `debit` (take from it).", "direction")
     return ledger_pb2.AdjustRequest(
         account_id=account_id,
@@ -208,7 +211,7 @@ def key_request(body: dict[str, Any]) -> ledger_pb2.CreateKeyRequest:
     if not isinstance(account_id, str) or not account_id:
         raise invalid("`account_id` is required.", "account_id")
     policy = body.get("route_policy", "routed")
-    if policy not in POLICY_TO_PB:
+    if not isinstance(policy, str) or policy not in POLICY_TO_PB:
         raise invalid("`route_policy` must be `routed`, `direct` or `auto`.", "route_policy")
     allowed = body.get("allowed_models") or []
     if not isinstance(allowed, list) or not all(isinstance(m, str) and m for m in allowed):

@@ -129,6 +129,10 @@ def check_name(name: str, param: str = "name") -> None:
 def check_idempotency_key(key: str) -> None:
     if not key:
         raise TFError("invalid_request", "idempotency_key is required", "idempotency_key")
+    if "\x00" in key:
+        # PostgreSQL text cannot hold NUL: the write would fail as a database error (503, and
+        # a retry that can never succeed) after failing the batch it was in.
+        raise TFError("invalid_request", "idempotency_key must not contain NUL characters", "idempotency_key")
     if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
         raise TFError(
             "invalid_request", f"idempotency_key may be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
@@ -620,8 +624,7 @@ class Book:
 
     def top_up(self, op: TopUpOp) -> TopUpResult:
         check_amount(op.amount_nano, "amount_nano")
-        if not op.idempotency_key:
-            raise TFError("invalid_request", "idempotency_key is required", "idempotency_key")
+        check_idempotency_key(op.idempotency_key)
         seen = self.topups.get(op.idempotency_key)
         if seen is not None:
             if (seen.account_id, seen.bucket, seen.amount_nano) != (op.account_id, op.bucket, op.amount_nano):

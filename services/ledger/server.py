@@ -200,6 +200,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def _account(self, account_id: str) -> store.AccountRecord:
         if not account_id:
             raise TFError("invalid_request", "account_id is required", "account_id")
+        if "\x00" in account_id:  # PostgreSQL text cannot hold NUL, so no such account exists
+            raise TFError("not_found", f"no account {account_id!r}", "account_id")
         async with self._pool.acquire() as conn:
             account = await store.get_account(conn, account_id)
         if account is None:
@@ -231,10 +233,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         bucket = core.parse_bucket(request.bucket)
         assert bucket is not None
         core.check_amount(request.amount_nano, "amount_nano")
-        if not request.idempotency_key:
-            raise TFError("invalid_request", "idempotency_key is required", "idempotency_key")
-        if len(request.idempotency_key) > core.MAX_REQUEST_ID_CHARS:
-            raise TFError("invalid_request", "idempotency_key is too long", "idempotency_key")
+        core.check_idempotency_key(request.idempotency_key)
         await self._account(request.account_id)
         result = await self._writers.submit(
             TopUpOp(request.account_id, bucket, request.amount_nano, request.idempotency_key)
@@ -252,6 +251,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         core.check_amount(request.amount_nano, "amount_nano")
         core.check_idempotency_key(request.idempotency_key)
         core.check_reason(request.reason, required=False)
+        if "\x00" in request.receipt_id:  # PostgreSQL text cannot hold NUL, so no such receipt exists
+            raise TFError("not_found", f"no receipt {request.receipt_id!r}", "receipt_id")
         async with self._pool.acquire() as conn:
             account_id = await store.account_of_receipt(conn, request.receipt_id)
         if account_id is None:
