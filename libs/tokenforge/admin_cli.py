@@ -106,6 +106,8 @@ def _seg(value: str) -> str:
     """An id as ONE path segment: quoted, so `/`, `..`, `?` or `#` in it can never steer a
     request to another endpoint (an "account id" of `../receipts/rcpt_x/refunds?` made
     `admin adjust` post its body to that receipt's refunds)."""
+    if value in ("", ".", ".."):  # a path step, not an id: it would still move the request
+        raise SystemExit(f"not an id: {value!r}")
     return urllib.parse.quote(value, safe="")
 
 
@@ -118,9 +120,12 @@ def _request(ns: argparse.Namespace, method: str, path: str, body: Any = None, *
                              headers={"authorization": f"Bearer {token}"}, timeout=30)
     except httpx.HTTPError as exc:
         raise SystemExit(f"cannot reach the edge at {ns.url}: {exc}") from None
-    data = resp.json()
+    try:
+        data = resp.json()
+    except ValueError:  # not our JSON (a proxy's page, a plain-text 500): say what came back
+        raise SystemExit(f"error {resp.status_code}: {resp.text[:300]}") from None
     if resp.status_code >= 400:
-        err = data.get("error", {})
+        err = data.get("error", {}) if isinstance(data, dict) else {}
         raise SystemExit(f"error {resp.status_code} {err.get('code')}: {err.get('message')}")
     return data
 

@@ -96,6 +96,9 @@ def test_the_cli_never_lets_an_id_steer_it_to_another_endpoint(stack) -> None:
     out = tf_admin(stack, "refund", f"../accounts/{other.account_id}/topups?", "--amount", "0.5",
                    "--idempotency-key", idem())
     assert out.returncode != 0, out.stdout
+    for step in ("..", "."):  # a whole id that is a path step is refused before any request
+        out = tf_admin(stack, "topup", step, "wallet", "0.5")
+        assert out.returncode != 0 and "not an id" in out.stderr, out.stdout + out.stderr
     with stack.admin() as admin:
         assert admin.get(f"/admin/v1/receipts/{receipt_id}").json()["refunded"] == "0"
         assert admin.get(f"/admin/v1/accounts/{victim.account_id}").json()["buckets"]["wallet"]["balance"] == before
