@@ -214,7 +214,7 @@ def run_admin(ns: argparse.Namespace) -> int:
         _print(ns, data, ("ok" if data["ok"] else "PROBLEMS:\n" + "\n".join(data["problems"])) + f" ({data['accounts_checked']} accounts checked)")
         return 0 if data["ok"] else 1
     elif cmd == "statement":
-        data = _request(ns, "GET", f"/admin/v1/accounts/{_seg(ns.account_id)}/statement?limit={ns.limit}&after={_seg(ns.after)}")
+        data = _request(ns, "GET", f"/admin/v1/accounts/{_seg(ns.account_id)}/statement?limit={ns.limit}&after={urllib.parse.quote(str(ns.after), safe='')}")
         head = f"{'at':32} {'kind':12} {'bucket':7} {'amount':>18} {'balance':>18} receipt"
         rows = [f"{e['at']:32} {e['kind']:12} {e['bucket'] or '':7} {e['amount']:>18} {e['balance']:>18} {e['receipt_id'] or ''}" for e in data["data"]]
         _print(ns, data, "\n".join([head, *rows]) if rows else "no entries")
