@@ -425,6 +425,11 @@ def build_app(edge: Edge) -> Starlette:
     def wrap(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             try:
+                for name, value in request.path_params.items():
+                    # An id with a control character (a NUL, say) names nothing we store, and
+                    # PostgreSQL cannot even compare it: not found, whatever the endpoint.
+                    if isinstance(value, str) and not value.isprintable():
+                        raise TFError("not_found", f"No `{name}` with a control character exists.", name)
                 return await handler(request)
             except TFError as err:
                 return error_response(err)

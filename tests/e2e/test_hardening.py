@@ -185,3 +185,24 @@ def test_revoking_a_key_releases_its_open_runs(stack) -> None:
     assert Decimal(account["buckets"]["wallet"]["held"]) == 0
     assert Decimal(account["buckets"]["wallet"]["available"]) == Decimal("1.00")
     assert run["id"].startswith("run_")
+
+
+def test_ids_with_control_characters_in_the_path_are_404_not_500(stack, customer: Customer) -> None:
+    key = {"authorization": f"Bearer {customer.secret}"}
+    cases = [
+        ("GET", "/v1/receipts/rcpt_ab%00cd", key, "receipt_id"),
+        ("GET", "/v1/runs/run_%01x", key, "run_id"),
+        ("POST", "/v1/runs/run_%00x/close", key, "run_id"),
+        ("GET", "/admin/v1/receipts/rcpt_%00x", None, "receipt_id"),
+        ("GET", "/admin/v1/accounts/acct%00x", None, "account_id"),
+        ("GET", "/admin/v1/accounts/acct%00x/statement", None, "account_id"),
+        ("GET", "/admin/v1/accounts/acct%1bx/receipts", None, "account_id"),
+        ("POST", "/admin/v1/keys/key%00x/revoke", None, "key_id"),
+    ]
+    with stack.admin() as admin, httpx.Client(base_url=stack.url, timeout=30) as client:
+        for method, path, headers, param in cases:
+            send = admin if headers is None else client
+            resp = send.request(method, path, headers=headers, json={} if method == "POST" else None)
+            assert resp.status_code == 404, (path, resp.status_code, resp.text)
+            assert resp.json()["error"] == {**resp.json()["error"], "code": "not_found", "param": param}, resp.text
+        assert admin.get("/admin/v1/audit").json()["ok"]
