@@ -194,13 +194,10 @@ async def answer_batch(
         fn = getattr(type(servicer), name).__wrapped__
         parent = extract(dict(call.trace_context)) if call.trace_context else _NO_TRACE
         where = _span_name(servicer, name)
-        span: trace.Span | None = None
-        token = otel_context.attach(parent)
-        if _server_spans:
-            span = _tracer.start_span(where, context=parent, kind=SpanKind.SERVER,
-                                      attributes={"rpc.system": "grpc", "tf.batched": True})
-            otel_context.detach(token)
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span = (_tracer.start_span(where, context=parent, kind=SpanKind.SERVER,
+                                   attributes={"rpc.system": "grpc", "tf.batched": True})
+                if _server_spans else None)
+        token = otel_context.attach(trace.set_span_in_context(span, parent) if span is not None else parent)
         try:
             response = await fn(servicer, getattr(call, field), context)
             return outcome_cls(**{field: response})

@@ -314,7 +314,8 @@ class Edge:
         if key_request.allowed_models:
             # A name the catalog does not have would make a key that can call nothing.
             catalog = await self.call(self.router.CatalogModels, router_pb2.ListModelsRequest())
-            unknown = [m for m in key_request.allowed_models if m not in set(catalog.models)]
+            known = set(catalog.models)
+            unknown = [m for m in key_request.allowed_models if m not in known]
             if unknown:
                 raise shapes.invalid(
                     f"`allowed_models` names models the catalog does not have: {', '.join(unknown)}. "

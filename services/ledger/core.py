@@ -602,25 +602,10 @@ class Book:
     # -- operations ---------------------------------------------------------------------------
 
     def apply(self, op: Op) -> Result:
-        if isinstance(op, HoldOp):
-            return self.hold(op)
-        if isinstance(op, SettleOp):
-            return self.settle(op)
-        if isinstance(op, ReleaseOp):
-            return self.release(op)
-        if isinstance(op, ExpireHoldOp):
-            return self.expire_hold(op)
-        if isinstance(op, TopUpOp):
-            return self.top_up(op)
-        if isinstance(op, CreateRunOp):
-            return self.create_run(op)
-        if isinstance(op, CloseRunOp):
-            return self.close_run(op)
-        if isinstance(op, RefundOp):
-            return self.refund(op)
-        if isinstance(op, AdjustOp):
-            return self.adjust(op)
-        raise AssertionError(f"unknown op {op!r}")
+        method = _APPLY.get(type(op))
+        if method is None:
+            raise AssertionError(f"unknown op {op!r}")
+        return method(self, op)
 
     def top_up(self, op: TopUpOp) -> TopUpResult:
         check_amount(op.amount_nano, "amount_nano")
@@ -1078,6 +1063,19 @@ class Book:
         run.dirty = True
         return RunResult(run.id, run.status)
 
+
+# Each operation type → the Book method that applies it.
+_APPLY: dict[type, Callable[[Book, Any], Result]] = {
+    HoldOp: Book.hold,
+    SettleOp: Book.settle,
+    ReleaseOp: Book.release,
+    ExpireHoldOp: Book.expire_hold,
+    TopUpOp: Book.top_up,
+    CreateRunOp: Book.create_run,
+    CloseRunOp: Book.close_run,
+    RefundOp: Book.refund,
+    AdjustOp: Book.adjust,
+}
 
 def _receipt_body(op: SettleOp, receipt: ReceiptRow, key: KeyRow, display: HoldRow, holds: list[HoldRow]) -> str:
     """The stored receipt: the router's fields plus the money fields the ledger decides."""
