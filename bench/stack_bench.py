@@ -407,7 +407,9 @@ class Bench:
         return results
 
     async def profile(self, out: pathlib.Path) -> None:
-        """py-spy on every Python service while the stack is under the throughput load."""
+        """py-spy on every Python service while the stack is under load (`--profile-clients`)."""
+        if shutil.which("py-spy") is None:
+            raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
         seconds = max(3, int(self.args.requests / 400))
         spies = []
         for name in SERVICES:
@@ -419,8 +421,9 @@ class Bench:
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         await asyncio.sleep(0.5)
         deadline = time.monotonic() + seconds
+        clients = self.args.profile_clients or self.args.clients
         while time.monotonic() < deadline:
-            await self.phase("profile", "stack", False, 500, self.args.clients)
+            await self.phase("profile", "stack", False, 50 * clients, clients)
         for spy in spies:
             await spy.wait()
         print(f"\npy-spy profiles in {out} (flame graphs *.svg, collapsed stacks *.txt)")
@@ -503,6 +506,8 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--profile", metavar="DIR", help="also record py-spy profiles of each service")
+    parser.add_argument("--profile-clients", type=int, default=0, metavar="N",
+                        help="clients during the profile (default: --clients; 1 profiles the one-client path)")
     parser.add_argument("--export-spans", action="store_true", help="export spans over OTLP/HTTP (to a sink)")
     args = parser.parse_args()
     uvloop.install()

@@ -14,6 +14,17 @@ theirs. At one request at a time every batch has one call, and costs what a unar
 Each call keeps its own deadline (`asyncio.wait_for`), its own trace context (sent inside the
 call, so the service's span has the caller's parent) and its own error: a call that fails
 raises the TFError its unary twin would have raised.
+
+How a batch travels is the coalescer's transport:
+- `UnaryBatches`: one unary `Batch` call per batch.
+- `StreamBatches`: every batch is one message on ONE long-lived `BatchStream` call, matched to
+  its response by `seq`. A unary call opens an HTTP/2 stream and builds a server call, a
+  servicer context and a cancellation watcher for every batch; a message on an open stream
+  does none of that. Measured here with a no-op service at one caller: a unary round trip
+  0.34-0.40 ms (0.22-0.26 ms of server CPU), a message on an open stream 0.09-0.16 ms
+  (0.06-0.09 ms). The router makes four such calls per request, one after another.
+  A stream that ends (the service shut down, restarted or went away) fails the batches
+  waiting on it with `unavailable`, and the next batch opens a new one.
 """
 
 from __future__ import annotations
@@ -60,15 +71,143 @@ class CoalescerStats:
     largest: int = 0
 
 
+def _unavailable(why: str = "A tokenforge service did not answer in time; try again.") -> TFError:
+    return TFError("unavailable", why)
+
+
+class UnaryBatches:
+    """Each batch is one call of the service's unary `Batch` method."""
+
+    def __init__(self, batch_rpc: Callable[..., Any]) -> None:
+        self._rpc = batch_rpc
+
+    async def send(self, request: Any, timeout_s: float) -> Any:
+        try:
+            return await self._rpc(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise call_failure(exc) from None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class StreamBatches:
+    """Each batch is one message on one long-lived `BatchStream` call (opened on first use and
+    again after it ends), answered by a response with the same `seq`, in any order.
+
+    `open_stream` is the stub's BatchStream multicallable. Writes go one at a time (gRPC
+    allows one outstanding write per call) in the order the batches were sent. A batch whose
+    deadline passed while it waited for its turn to write is not sent.
+    """
+
+    def __init__(self, open_stream: Callable[[], Any]) -> None:
+        self._open = open_stream
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._seq = 0
+        self._pending: dict[int, tuple[Any, asyncio.Future[Any]]] = {}  # seq → (its call, its future)
+        self._answered_at = 0.0  # loop time of the current stream's last answer (or its opening)
+        self.streams_opened = 0
+
+    def _stream(self) -> Any:
+        if self._call is None:
+            self._call = call = self._open()
+            self._answered_at = asyncio.get_running_loop().time()
+            self.streams_opened += 1
+            self._reader = asyncio.get_running_loop().create_task(self._read(call))
+        return self._call
+
+    def _abandon(self, call: Any) -> None:
+        if self._call is call:
+            self._call = None
+        call.cancel()
+
+    async def send(self, request: Any, timeout_s: float) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._seq += 1
+        seq = self._seq
+        request.seq = seq
+        future: asyncio.Future[Any] = loop.create_future()
+        writing = call = None  # `writing`: the call while our write is in progress on it
+        written_at = 0.0
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with self._write_lock:
+                    call = self._stream()
+                    self._pending[seq] = (call, future)
+                    request.timeout_ms = max(1, int((deadline - loop.time()) * 1000))
+                    writing = call
+                    await call.write(request)
+                    writing = None
+                    written_at = loop.time()
+                return await future
+        except TimeoutError:
+            if writing is not None or (call is self._call and self._answered_at < written_at):
+                # The stream took nothing, or answered nothing, for a call's whole deadline: the
+                # service is frozen, wedged or gone without a word. Give the stream up; its
+                # waiting batches fail, and the next batch opens a new stream.
+                self._abandon(writing or call)
+            raise _unavailable() from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # Our write failed: the stream had ended, or never reached the service (gRPC says
+            # INTERNAL for a write to a call that could not start). Either way it is gone.
+            if writing is not None:
+                self._abandon(writing)
+            raise _unavailable("A tokenforge service closed its stream; try again.") from None
+        finally:
+            self._pending.pop(seq, None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved here when the stream's end failed it after we gave up
+
+    async def _read(self, call: Any) -> None:
+        failure = _unavailable("A tokenforge service closed its stream; try again.")
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                if self._call is call:
+                    self._answered_at = asyncio.get_running_loop().time()
+                waiting = self._pending.get(response.seq)
+                if waiting is not None and not waiting[1].done():
+                    waiting[1].set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            failure = call_failure(exc)
+        except asyncio.CancelledError:
+            failure = _unavailable("A tokenforge service call failed; try again.")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave callers waiting
+            log.warning("a batch stream failed: %r", exc)
+        finally:
+            if self._call is call:
+                self._call = None
+            for waiting_call, future in list(self._pending.values()):
+                if waiting_call is call and not future.done():
+                    future.set_exception(TFError(failure.code, failure.message, failure.param))
+
+    async def aclose(self) -> None:
+        call, reader = self._call, self._reader
+        self._call = None
+        if call is not None:
+            call.cancel()
+        if reader is not None:
+            await asyncio.gather(reader, return_exceptions=True)
+
+
 class Coalescer:
     """Gathers calls to one service's `Batch` method.
 
-    `batch_rpc` is the stub's Batch multicallable; `call_cls` / `request_cls` the service's
-    call and batch request messages (e.g. LedgerCall, LedgerBatchRequest).
+    `transport` is a `StreamBatches` or `UnaryBatches` (or the stub's unary Batch
+    multicallable, for `UnaryBatches`); `call_cls` / `request_cls` the service's call and
+    batch request messages (e.g. LedgerCall, LedgerBatchRequest).
     """
 
-    def __init__(self, batch_rpc: Callable[..., Any], call_cls: type, request_cls: type) -> None:
-        self._rpc = batch_rpc
+    def __init__(self, transport: Any, call_cls: type, request_cls: type) -> None:
+        self._transport = transport if hasattr(transport, "send") else UnaryBatches(transport)
         self._call_cls = call_cls
         self._request_cls = request_cls
         self._queue: list[_Queued] = []
@@ -121,11 +260,11 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         timeout_s = max(max(q.deadline for q in chunk) - loop.time(), 0.001)
         try:
-            response = await self._rpc(self._request_cls(calls=[q.call for q in chunk]), timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
+            response = await self._transport.send(self._request_cls(calls=[q.call for q in chunk]), timeout_s)
+        except TFError as err:
             for q in chunk:
                 if not q.future.done():
-                    q.future.set_exception(call_failure(exc))  # one TFError per caller
+                    q.future.set_exception(TFError(err.code, err.message, err.param))  # one per caller
             return
         except BaseException as exc:  # cancelled, the channel closed under us, a bug: nobody waits forever
             for q in chunk:
@@ -156,6 +295,7 @@ class Coalescer:
         """Wait for the batches already sent (their callers are waiting for them)."""
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+        await self._transport.aclose()
 
 
-__all__ = ["Coalescer", "CoalescerStats", "call_failure"]
+__all__ = ["Coalescer", "CoalescerStats", "StreamBatches", "UnaryBatches", "call_failure"]

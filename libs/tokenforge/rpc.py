@@ -182,14 +182,30 @@ async def answer_batch(
     """
     calls = list(calls)
     if len(calls) > MAX_BATCH_CALLS:
-        err = TFError("invalid_request", f"a batch holds at most {MAX_BATCH_CALLS} calls", "calls")
-        await _abort(err, context, None, _span_name(servicer, "Batch"))
+        await _abort(_oversized(), context, None, _span_name(servicer, "Batch"))
+    return await _answer_calls(servicer, calls, methods, outcome_cls, context)
 
+
+def _oversized() -> TFError:
+    return TFError("invalid_request", f"a batch holds at most {MAX_BATCH_CALLS} calls", "calls")
+
+
+def _call_error(outcome_cls: type, err: TFError) -> Any:
+    return outcome_cls(error=common_pb2.CallError(code=err.code, message=err.message, param=err.param or ""))
+
+
+async def _answer_calls(
+    servicer: Any,
+    calls: list[Any],
+    methods: dict[str, str],
+    outcome_cls: type,
+    context: grpc.aio.ServicerContext,
+) -> list[Any]:
     async def one(call: Any) -> Any:
         field = call.WhichOneof("call")
         if field not in methods:
             err = TFError("invalid_request", f"each call needs one of: {', '.join(methods)}", "calls")
-            return outcome_cls(error=common_pb2.CallError(code=err.code, message=err.message, param=err.param or ""))
+            return _call_error(outcome_cls, err)
         name = methods[field]
         fn = getattr(type(servicer), name).__wrapped__
         parent = extract(dict(call.trace_context)) if call.trace_context else _NO_TRACE
@@ -205,7 +221,7 @@ async def answer_batch(
             err = exc if isinstance(exc, TFError) else _as_tf_error(exc, where)
             if span is not None:
                 _mark_error(span, err)
-            return outcome_cls(error=common_pb2.CallError(code=err.code, message=err.message, param=err.param or ""))
+            return _call_error(outcome_cls, err)
         finally:
             otel_context.detach(token)
             if span is not None:
@@ -214,6 +230,87 @@ async def answer_batch(
     if len(calls) == 1:
         return [await one(calls[0])]
     return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+MAX_STREAM_BATCHES_IN_FLIGHT = 64  # per stream; beyond it the stream is not read (flow control)
+_stream_pumps: set[asyncio.Task[None]] = set()
+_draining = False
+
+
+async def answer_batch_stream(
+    servicer: Any,
+    context: grpc.aio.ServicerContext,
+    methods: dict[str, str],
+    outcome_cls: type,
+    response_cls: type,
+) -> None:
+    """Answer a BatchStream RPC: every request message is a batch, answered as `answer_batch`
+    answers one (each call alone, in its own trace) by a response carrying the request's `seq`.
+    Batches run concurrently, so responses may leave out of order. A batch gets at most its
+    `timeout_ms`; past it, its calls are answered `unavailable` (the caller has given up too).
+
+    When the service shuts down (`drain_streams`) the stream stops reading, answers what it
+    has read and ends; the client opens a new stream, to another replica or to this one after
+    its restart. Calls it had written that were not read fail `unavailable` on its side.
+    """
+    if _draining:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
+    loop = asyncio.get_running_loop()
+    write_lock = asyncio.Lock()
+    slots = asyncio.Semaphore(MAX_STREAM_BATCHES_IN_FLIGHT)
+    running: set[asyncio.Task[None]] = set()
+
+    async def answer(request: Any) -> None:
+        try:
+            calls = list(request.calls)
+            if len(calls) > MAX_BATCH_CALLS:
+                outcomes = [_call_error(outcome_cls, _oversized())] * len(calls)
+            else:
+                timeout_s = request.timeout_ms / 1000 if request.timeout_ms else None
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        outcomes = await _answer_calls(servicer, calls, methods, outcome_cls, context)
+                except TimeoutError:
+                    late = TFError("unavailable", "A tokenforge service did not answer in time; try again.")
+                    outcomes = [_call_error(outcome_cls, late)] * len(calls)
+            response = response_cls(seq=request.seq, outcomes=outcomes)
+            async with write_lock:
+                await context.write(response)
+        except Exception as exc:  # noqa: BLE001 - the caller went away: nobody to answer
+            log.debug("a batch stream could not answer: %r", exc)
+        finally:
+            slots.release()
+
+    async def pump() -> None:
+        while True:
+            await slots.acquire()
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            task = loop.create_task(answer(request))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    reader = loop.create_task(pump())
+    _stream_pumps.add(reader)
+    try:
+        await asyncio.wait({reader})  # read until the client is done or the service drains
+        if running:
+            await asyncio.wait(running)
+    finally:
+        _stream_pumps.discard(reader)
+        reader.cancel()
+        for task in running:
+            task.cancel()
+
+
+def drain_streams() -> None:
+    """Stop reading every open batch stream (each answers what it read, then ends) and refuse
+    new ones: the first step of a graceful shutdown."""
+    global _draining
+    _draining = True
+    for reader in list(_stream_pumps):
+        reader.cancel()
 
 
 def outgoing_metadata(extra: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
@@ -284,6 +381,7 @@ async def serve(
     await stop.wait()
     for svc in ["", *service_names]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    drain_streams()
     await server.stop(grace_s)
     if on_stop is not None:
         result = on_stop()

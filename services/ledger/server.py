@@ -46,7 +46,14 @@ from tokenforge.ledger.core import (
 )
 from tokenforge.ledger.writer import MAX_IN_FLIGHT, ThreadedWriterGroup, WriterGroup
 from tokenforge.money import Bucket
-from tokenforge.rpc import answer_batch, install_uvloop, rpc_method, serve, treat_as_unavailable
+from tokenforge.rpc import (
+    answer_batch,
+    answer_batch_stream,
+    install_uvloop,
+    rpc_method,
+    serve,
+    treat_as_unavailable,
+)
 from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("tokenforge.ledger")
@@ -456,6 +463,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         # they reach the writer in the same turn and share its next group commit.
         outcomes = await answer_batch(self, request.calls, _BATCHED, ledger_pb2.LedgerOutcome, context)
         return ledger_pb2.LedgerBatchResponse(outcomes=outcomes)
+
+    async def BatchStream(self, request_iterator: Any, context: Any) -> None:
+        # The router's way: the same batches as messages on one long-lived stream.
+        await answer_batch_stream(self, context, _BATCHED, ledger_pb2.LedgerOutcome, ledger_pb2.LedgerBatchResponse)
 
     # -- receipts and statements --------------------------------------------------------------
 

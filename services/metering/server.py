@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
 
 import grpc
 
@@ -17,7 +18,7 @@ from tokenforge.config import Settings
 from tokenforge.errors import TFError
 from tokenforge.metering import core, tokens
 from tokenforge.money import Bucket
-from tokenforge.rpc import answer_batch, install_uvloop, rpc_method, serve
+from tokenforge.rpc import answer_batch, answer_batch_stream, install_uvloop, rpc_method, serve
 from tokenforge.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger("tokenforge.metering")
@@ -97,6 +98,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.MeteringBatchResponse:
         outcomes = await answer_batch(self, request.calls, _BATCHED, metering_pb2.MeteringOutcome, context)
         return metering_pb2.MeteringBatchResponse(outcomes=outcomes)
+
+    async def BatchStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await answer_batch_stream(
+            self, context, _BATCHED, metering_pb2.MeteringOutcome, metering_pb2.MeteringBatchResponse)
 
     @rpc_method
     async def CountTokens(

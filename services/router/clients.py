@@ -2,7 +2,8 @@
 the TFError the service raised, and the caller's trace context in the metadata.
 
 The calls every request makes (Quote, Hold, Rate, Settle, Release) go through a `Coalescer`:
-those made in the same event-loop turn share one Batch RPC (see tokenforge.batching)."""
+those made in the same event-loop turn share one batch, sent as a message on a long-lived
+BatchStream call to each service (see tokenforge.batching)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry.propagate import inject
 
-from tokenforge.batching import Coalescer, call_failure
+from tokenforge.batching import Coalescer, StreamBatches, call_failure
 from tokenforge.errors import TFError
 from tokenforge.rpc import client_channel
 from tokenforge.v1 import ledger_pb2, ledger_pb2_grpc, metering_pb2, metering_pb2_grpc
@@ -34,8 +35,10 @@ class Backends:
         self._metering_channel = client_channel(metering_addr)
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._ledger_channel)
         self.metering = metering_pb2_grpc.MeteringServiceStub(self._metering_channel)
-        self.ledger_batch = Coalescer(self.ledger.Batch, ledger_pb2.LedgerCall, ledger_pb2.LedgerBatchRequest)
-        self.metering_batch = Coalescer(self.metering.Batch, metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
+        self.ledger_batch = Coalescer(
+            StreamBatches(self.ledger.BatchStream), ledger_pb2.LedgerCall, ledger_pb2.LedgerBatchRequest)
+        self.metering_batch = Coalescer(
+            StreamBatches(self.metering.BatchStream), metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
         # stub method → (its coalescer, its field in the service's call message)
         self._batched: dict[Any, tuple[Coalescer, str]] = {
             self.ledger.Hold: (self.ledger_batch, "hold"),

@@ -16,7 +16,13 @@ from typing import Any
 import grpc
 import pytest
 
-from tokenforge.batching import MAX_BYTES_PER_BATCH, MAX_CALLS_PER_BATCH, Coalescer
+from tokenforge.batching import (
+    MAX_BYTES_PER_BATCH,
+    MAX_CALLS_PER_BATCH,
+    Coalescer,
+    StreamBatches,
+    UnaryBatches,
+)
 from tokenforge.errors import TFError, from_rpc_error
 from tokenforge.rpc import MAX_BATCH_CALLS, client_channel
 from tokenforge.v1 import ledger_pb2 as L
@@ -37,8 +43,15 @@ def rid(tag: str = "b") -> str:
     return f"{tag}-{secrets.token_hex(6)}"
 
 
-def coalescer_for(stub: ledger_pb2_grpc.LedgerServiceStub) -> Coalescer:
-    return Coalescer(stub.Batch, L.LedgerCall, L.LedgerBatchRequest)
+@pytest.fixture(params=["stream", "unary"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """How batches travel: messages on one BatchStream call (the router's way) or unary Batch calls."""
+    return str(request.param)
+
+
+def coalescer_for(stub: ledger_pb2_grpc.LedgerServiceStub, kind: str) -> Coalescer:
+    transport = StreamBatches(stub.BatchStream) if kind == "stream" else UnaryBatches(stub.Batch)
+    return Coalescer(transport, L.LedgerCall, L.LedgerBatchRequest)
 
 
 def hold(
@@ -84,9 +97,9 @@ async def until_sent(c: Coalescer, rpcs: int) -> None:
     raise AssertionError(f"no batch left in {YIELDS_MAX} turns: {c.stats}")
 
 
-async def test_one_turn_of_holds_is_one_batch_each_with_its_own_answer(stub) -> None:
+async def test_one_turn_of_holds_is_one_batch_each_with_its_own_answer(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=10 * ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     rids = [rid("co") for _ in range(50)]
     # all different amounts: one caller's answer cannot pass for another's
     amounts = [(i + 1) * 1_000_000 for i in range(50)]
@@ -114,9 +127,9 @@ async def test_one_turn_of_holds_is_one_batch_each_with_its_own_answer(stub) -> 
     await audit_ok(stub)
 
 
-async def test_more_calls_than_a_batch_holds_are_split(stub) -> None:
+async def test_more_calls_than_a_batch_holds_are_split(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=10 * ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     n = MAX_CALLS_PER_BATCH + 10
     answers = await asyncio.gather(*(hold(co, c.key_id, rid("split"), 1000 + i) for i in range(n)))
     assert [a.amount_nano for a in answers] == [1000 + i for i in range(n)]
@@ -124,9 +137,9 @@ async def test_more_calls_than_a_batch_holds_are_split(stub) -> None:
     assert (await wallet(stub, c.account_id))[1] == sum(1000 + i for i in range(n))
 
 
-async def test_more_bytes_than_a_batch_holds_are_split(stub) -> None:
+async def test_more_bytes_than_a_batch_holds_are_split(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     rids = [rid("bytes") for _ in range(5)]
     await asyncio.gather(*(hold(co, c.key_id, r, DIME) for r in rids))
     # five receipts of 0.9 MiB: four fit under MAX_BYTES_PER_BATCH, the fifth goes in a second
@@ -143,16 +156,16 @@ async def test_more_bytes_than_a_batch_holds_are_split(stub) -> None:
         )
         for i, r in enumerate(rids)
     ]
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     settled = await asyncio.gather(*(co.call("settle", q, None, CALL_TIMEOUT_S) for q in requests))
     assert [s.amount_nano for s in settled] == [1, 2, 3, 4, 5]
     assert (co.stats.rpcs, co.stats.calls, co.stats.largest) == (2, 5, 4)
     assert await wallet(stub, c.account_id) == (ONE - 15, 0, ONE - 15)
 
 
-async def test_a_call_whose_caller_left_before_the_batch_is_not_sent(stub) -> None:
+async def test_a_call_whose_caller_left_before_the_batch_is_not_sent(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     gone, kept = rid("gone"), rid("kept")
     results = await asyncio.gather(
         hold(co, c.key_id, gone, DIME, timeout_s=0),  # gives up before the batch leaves
@@ -168,9 +181,9 @@ async def test_a_call_whose_caller_left_before_the_batch_is_not_sent(stub) -> No
     assert (info.value.code, info.value.param) == ("not_found", "request_id")
 
 
-async def test_bad_calls_fail_alone_with_their_own_error_word(stub) -> None:
+async def test_bad_calls_fail_alone_with_their_own_error_word(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     good = [rid("good") for _ in range(3)]
     zero_rid, unknown_rid = rid("zero"), rid("unknown")
     calls = [
@@ -208,9 +221,9 @@ async def test_bad_calls_fail_alone_with_their_own_error_word(stub) -> None:
     await audit_ok(stub)
 
 
-async def test_batched_errors_match_their_unary_twins(stub) -> None:
+async def test_batched_errors_match_their_unary_twins(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     r = rid("twin")
     await hold(co, c.key_id, r, DIME)
     bad = [
@@ -238,9 +251,9 @@ async def test_batched_errors_match_their_unary_twins(stub) -> None:
     assert await wallet(stub, c.account_id) == (ONE, DIME, ONE - DIME)
 
 
-async def test_hold_settle_release_in_one_turn_and_a_settle_replay(stub) -> None:
+async def test_hold_settle_release_in_one_turn_and_a_settle_replay(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=10 * ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     to_hold, to_settle, to_release = rid("h"), rid("s"), rid("r")
     await asyncio.gather(
         hold(co, c.key_id, to_settle, DIME), hold(co, c.key_id, to_release, 2 * DIME)
@@ -288,10 +301,10 @@ async def test_hold_settle_release_in_one_turn_and_a_settle_replay(stub) -> None
     await audit_ok(stub)
 
 
-async def test_hot_account_race_through_the_coalescer_exactly_100_of_200(stub) -> None:
+async def test_hot_account_race_through_the_coalescer_exactly_100_of_200(stub, kind) -> None:
     """tests/integration/test_ledger_races.py's hot-account race, every hold batched."""
     c = await new_customer(stub, wallet_nano=10 * ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     done = asyncio.Event()
     lowest = [2**63]
 
@@ -326,9 +339,9 @@ async def test_hot_account_race_through_the_coalescer_exactly_100_of_200(stub) -
     await audit_ok(stub)
 
 
-async def test_a_cancelled_caller_does_not_break_its_batch(stub) -> None:
+async def test_a_cancelled_caller_does_not_break_its_batch(stub, kind) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
-    co = coalescer_for(stub)
+    co = coalescer_for(stub, kind)
     rids = [rid("cancel") for _ in range(10)]
     tasks = [asyncio.create_task(hold(co, c.key_id, r, (i + 1) * 1000)) for i, r in enumerate(rids)]
     await until_sent(co, 1)
@@ -350,9 +363,9 @@ async def test_a_cancelled_caller_does_not_break_its_batch(stub) -> None:
     await audit_ok(stub)
 
 
-async def test_nothing_listening_is_unavailable_within_the_call_timeout() -> None:
+async def test_nothing_listening_is_unavailable_within_the_call_timeout(kind) -> None:
     async with client_channel(f"127.0.0.1:{free_port()}") as channel:
-        co = coalescer_for(ledger_pb2_grpc.LedgerServiceStub(channel))
+        co = coalescer_for(ledger_pb2_grpc.LedgerServiceStub(channel), kind)
         started = time.monotonic()
         results = await asyncio.gather(
             *(hold(co, "key_x", rid(), DIME, timeout_s=0.3) for _ in range(3)),
@@ -363,9 +376,7 @@ async def test_nothing_listening_is_unavailable_within_the_call_timeout() -> Non
     assert elapsed_s < 2.0
 
 
-async def test_a_stopped_ledger_is_unavailable_per_call_deadline(
-    fresh_database_url, tmp_path
-) -> None:
+async def test_a_stopped_ledger_is_unavailable_per_call_deadline(fresh_database_url, tmp_path, kind) -> None:
     """A ledger frozen with SIGSTOP (it accepts nothing, answers nothing): each call gives up
     at its own deadline, not at the longest one in its batch; thawed, the coalescer works
     again; terminated, calls fail fast."""
@@ -374,7 +385,7 @@ async def test_a_stopped_ledger_is_unavailable_per_call_deadline(
         async with client_channel(private.addr) as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
             c = await new_customer(stub, wallet_nano=ONE)
-            co = coalescer_for(stub)
+            co = coalescer_for(stub, kind)
             assert (await hold(co, c.key_id, rid("warm"), DIME)).amount_nano == DIME
 
             private.proc.send_signal(signal.SIGSTOP)
@@ -405,7 +416,7 @@ async def test_a_stopped_ledger_is_unavailable_per_call_deadline(
             started = time.monotonic()
             with pytest.raises(TFError) as info:
                 await hold(co, c.key_id, rid("gone"), DIME, timeout_s=0.5)
-            assert info.value.code == "unavailable"
+            assert info.value.code == "unavailable", info.value.message
             assert time.monotonic() - started < 2.0
     finally:
         private.stop()

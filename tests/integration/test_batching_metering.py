@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.integration._procs_metering import ServiceProc, start_metering
-from tokenforge.batching import Coalescer
+from tokenforge.batching import Coalescer, StreamBatches, UnaryBatches
 from tokenforge.errors import TFError, from_rpc_error
 from tokenforge.rpc import client_channel, wait_healthy
 from tokenforge.v1 import common_pb2, metering_pb2, metering_pb2_grpc
@@ -46,8 +46,14 @@ async def stub(metering: ServiceProc) -> AsyncIterator[metering_pb2_grpc.Meterin
         yield metering_pb2_grpc.MeteringServiceStub(channel)
 
 
-def coalescer_for(stub: metering_pb2_grpc.MeteringServiceStub) -> Coalescer:
-    return Coalescer(stub.Batch, metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
+@pytest.fixture(params=["stream", "unary"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def coalescer_for(stub: metering_pb2_grpc.MeteringServiceStub, kind: str) -> Coalescer:
+    transport = StreamBatches(stub.BatchStream) if kind == "stream" else UnaryBatches(stub.Batch)
+    return Coalescer(transport, metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
 
 
 async def unary(stub: metering_pb2_grpc.MeteringServiceStub, field: str, request: Any) -> Any:
@@ -121,8 +127,8 @@ CALLS: list[tuple[str, Any]] = [
 ]
 
 
-async def test_batched_quote_and_rate_answer_as_their_unary_twins(stub) -> None:
-    co = coalescer_for(stub)
+async def test_batched_quote_and_rate_answer_as_their_unary_twins(stub, kind) -> None:
+    co = coalescer_for(stub, kind)
     batched = await asyncio.gather(
         *(co.call(f, r, None, CALL_TIMEOUT_S) for f, r in CALLS), return_exceptions=True
     )
@@ -146,8 +152,8 @@ async def test_batched_quote_and_rate_answer_as_their_unary_twins(stub) -> None:
     assert batched[4].amount_nano == 360 * 150 + 640 * 75 + 200 * 600
 
 
-async def test_contradictory_usage_fails_alone_in_its_batch(stub) -> None:
-    co = coalescer_for(stub)
+async def test_contradictory_usage_fails_alone_in_its_batch(stub, kind) -> None:
+    co = coalescer_for(stub, kind)
     good = metering_pb2.RateRequest(
         model="gpt-4o-mini", channel_id="cheap-a", usage=usage(1200, 300, cached=200)
     )

@@ -509,10 +509,14 @@ class LedgerCall(_message.Message):
     def __init__(self, trace_context: _Optional[_Mapping[str, str]] = ..., hold: _Optional[_Union[HoldRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., settle: _Optional[_Union[SettleRequest, _Mapping]] = ...) -> None: ...
 
 class LedgerBatchRequest(_message.Message):
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "seq", "timeout_ms")
     CALLS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     calls: _containers.RepeatedCompositeFieldContainer[LedgerCall]
-    def __init__(self, calls: _Optional[_Iterable[_Union[LedgerCall, _Mapping]]] = ...) -> None: ...
+    seq: int
+    timeout_ms: int
+    def __init__(self, calls: _Optional[_Iterable[_Union[LedgerCall, _Mapping]]] = ..., seq: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class LedgerOutcome(_message.Message):
     __slots__ = ("hold", "release", "settle", "error")
@@ -527,7 +531,9 @@ class LedgerOutcome(_message.Message):
     def __init__(self, hold: _Optional[_Union[HoldResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., settle: _Optional[_Union[SettleResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.CallError, _Mapping]] = ...) -> None: ...
 
 class LedgerBatchResponse(_message.Message):
-    __slots__ = ("outcomes",)
+    __slots__ = ("outcomes", "seq")
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[LedgerOutcome]
-    def __init__(self, outcomes: _Optional[_Iterable[_Union[LedgerOutcome, _Mapping]]] = ...) -> None: ...
+    seq: int
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[LedgerOutcome, _Mapping]]] = ..., seq: _Optional[int] = ...) -> None: ...

@@ -105,6 +105,11 @@ class LedgerServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.FromString,
                 _registered_method=True)
+        self.BatchStream = channel.stream_stream(
+                '/tokenforge.v1.LedgerService/BatchStream',
+                request_serializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.FromString,
+                _registered_method=True)
         self.GetReceipt = channel.unary_unary(
                 '/tokenforge.v1.LedgerService/GetReceipt',
                 request_serializer=tokenforge_dot_v1_dot_ledger__pb2.GetReceiptRequest.SerializeToString,
@@ -245,6 +250,16 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchStream(self, request_iterator, context):
+        """The same batches on one long-lived stream: each request carries a `seq` and a
+        `timeout_ms`, each response the `seq` it answers (responses may come out of order). A
+        message on an open stream costs a fraction of a new call (tokenforge.batching). The
+        ledger ends the stream when it shuts down, after answering what it had read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetReceipt(self, request, context):
         """Receipts, by the key that paid for them.
         """
@@ -367,6 +382,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
             ),
             'Batch': grpc.unary_unary_rpc_method_handler(
                     servicer.Batch,
+                    request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.SerializeToString,
+            ),
+            'BatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BatchStream,
                     request_deserializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.SerializeToString,
             ),
@@ -788,6 +808,33 @@ class LedgerService:
             request,
             target,
             '/tokenforge.v1.LedgerService/Batch',
+            tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.SerializeToString,
+            tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenforge.v1.LedgerService/BatchStream',
             tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchRequest.SerializeToString,
             tokenforge_dot_v1_dot_ledger__pb2.LedgerBatchResponse.FromString,
             options,

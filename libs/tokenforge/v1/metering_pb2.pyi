@@ -151,10 +151,14 @@ class MeteringCall(_message.Message):
     def __init__(self, trace_context: _Optional[_Mapping[str, str]] = ..., quote: _Optional[_Union[QuoteRequest, _Mapping]] = ..., rate: _Optional[_Union[RateRequest, _Mapping]] = ...) -> None: ...
 
 class MeteringBatchRequest(_message.Message):
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "seq", "timeout_ms")
     CALLS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     calls: _containers.RepeatedCompositeFieldContainer[MeteringCall]
-    def __init__(self, calls: _Optional[_Iterable[_Union[MeteringCall, _Mapping]]] = ...) -> None: ...
+    seq: int
+    timeout_ms: int
+    def __init__(self, calls: _Optional[_Iterable[_Union[MeteringCall, _Mapping]]] = ..., seq: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class MeteringOutcome(_message.Message):
     __slots__ = ("quote", "rate", "error")
@@ -167,7 +171,9 @@ class MeteringOutcome(_message.Message):
     def __init__(self, quote: _Optional[_Union[QuoteResponse, _Mapping]] = ..., rate: _Optional[_Union[RateResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.CallError, _Mapping]] = ...) -> None: ...
 
 class MeteringBatchResponse(_message.Message):
-    __slots__ = ("outcomes",)
+    __slots__ = ("outcomes", "seq")
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[MeteringOutcome]
-    def __init__(self, outcomes: _Optional[_Iterable[_Union[MeteringOutcome, _Mapping]]] = ...) -> None: ...
+    seq: int
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[MeteringOutcome, _Mapping]]] = ..., seq: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class MeteringServiceStub:
                 request_serializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.SerializeToString,
                 response_deserializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.FromString,
                 _registered_method=True)
+        self.BatchStream = channel.stream_stream(
+                '/tokenforge.v1.MeteringService/BatchStream',
+                request_serializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.SerializeToString,
+                response_deserializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
@@ -102,6 +107,13 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchStream(self, request_iterator, context):
+        """The same batches on one long-lived stream, matched by `seq` (as LedgerService.BatchStream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +139,11 @@ def add_MeteringServiceServicer_to_server(servicer, server):
             ),
             'Batch': grpc.unary_unary_rpc_method_handler(
                     servicer.Batch,
+                    request_deserializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.FromString,
+                    response_serializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.SerializeToString,
+            ),
+            'BatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BatchStream,
                     request_deserializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.FromString,
                     response_serializer=tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.SerializeToString,
             ),
@@ -265,6 +282,33 @@ class MeteringService:
             request,
             target,
             '/tokenforge.v1.MeteringService/Batch',
+            tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.SerializeToString,
+            tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenforge.v1.MeteringService/BatchStream',
             tokenforge_dot_v1_dot_metering__pb2.MeteringBatchRequest.SerializeToString,
             tokenforge_dot_v1_dot_metering__pb2.MeteringBatchResponse.FromString,
             options,
