@@ -217,6 +217,8 @@ class Coalescer:
 
     async def call(self, field: str, request: Any, ctx: otel_context.Context | None, timeout_s: float) -> Any:
         """Send `request` as the `field` call of the next batch; its response, or its TFError."""
+        if timeout_s <= 0:  # out of time already: it must not leave at all
+            raise TFError("unavailable", "A tokenforge service did not answer in time; try again.")
         loop = asyncio.get_running_loop()
         carrier: dict[str, str] = {}
         inject(carrier, context=ctx)
@@ -227,7 +229,8 @@ class Coalescer:
             self._scheduled = True
             loop.call_soon(self._flush)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await future
         except TimeoutError:
             raise TFError("unavailable", "A tokenforge service did not answer in time; try again.") from None
 

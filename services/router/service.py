@@ -20,6 +20,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential,
 )
 
@@ -54,7 +55,11 @@ BACKOFF_CAP_S = 1.0
 REFUSAL_CODES = frozenset({"insufficient_balance", "key_budget_exceeded", "run_budget_exceeded"})
 HOLD_MARGIN_S = 60
 MAX_RUN_FIELD_CHARS = 200
-SETTLE_TRIES = 4
+# Settling keeps trying for this long while the ledger is unavailable; well inside the hold's
+# margin (HOLD_MARGIN_S), so the hold is still there when the ledger is back.
+SETTLE_RETRY_S = 30.0
+SETTLE_FIRST_BACKOFF_S = 0.1  # doubling up to the cap
+SETTLE_BACKOFF_CAP_S = 2.0
 
 
 def check_run_fields(run_id: str, run_step: str) -> None:
@@ -419,17 +424,7 @@ class Router:
             run_step=t.run_step,
             receipt_id=t.receipt_id,
         )
-        # Settle is idempotent by request id: when the ledger is briefly unreachable or slow,
-        # asking again can only return the first result, never charge twice.
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(SETTLE_TRIES),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
-            retry=retry_if_exception(lambda e: isinstance(e, TFError) and e.code == "unavailable"),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                resp = await self.backends.call(self.backends.ledger.Settle, request, t.ctx)
+        resp = await self._settle_call(request, t.ctx)
         t.span.set_attribute("tf.receipt_id", resp.receipt_id)
         t.span.set_attribute("tf.status", status)
         return router_pb2.Settlement(
@@ -439,6 +434,32 @@ class Router:
             attempts=t.attempts,
             status=status,
         )
+
+    async def _settle_call(self, request: ledger_pb2.SettleRequest, ctx: otel_context.Context) -> Any:
+        """Settle is idempotent by request id: while the ledger is unreachable (restarting,
+        failing over) asking again can only return the first result, never charge twice. So
+        the router keeps asking, with backoff, for up to SETTLE_RETRY_S: a ledger restart does
+        not lose a request that reached an upstream (its hold outlives that window). The first
+        try is a plain call (tenacity's bookkeeping costs ~0.1 ms a request); tenacity drives
+        the rest."""
+        try:
+            return await self.backends.call(self.backends.ledger.Settle, request, ctx)
+        except TFError as err:
+            if err.code != "unavailable":
+                raise
+            log.warning("settling %s: the ledger is unavailable; retrying for up to %g s",
+                        request.request_id, SETTLE_RETRY_S)
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(SETTLE_RETRY_S),
+            wait=wait_exponential(multiplier=SETTLE_FIRST_BACKOFF_S, max=SETTLE_BACKOFF_CAP_S),
+            retry=retry_if_exception(lambda e: isinstance(e, TFError) and e.code == "unavailable"),
+            reraise=True,
+        )
+        await asyncio.sleep(SETTLE_FIRST_BACKOFF_S)
+        async for attempt in retrying:
+            with attempt:
+                return await self.backends.call(self.backends.ledger.Settle, request, ctx)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     async def _settle_failure(self, t: Ticket, exc: BaseException) -> TFError:
         """All attempts failed (or the upstream refused the request): a `failed` receipt,
