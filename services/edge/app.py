@@ -383,17 +383,16 @@ async def _until_disconnect(request: Request) -> None:
 async def _unless_client_leaves(request: Request, call: grpc.aio.Call, awaitable: Any) -> Any:
     """Await `awaitable`; if the client disconnects first, cancel the router call (which
     cancels the upstream, starts no retry and settles a `cancelled` receipt)."""
-    task = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher.add_done_callback(lambda w: None if w.cancelled() else (w.exception(), call.cancel()))
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await awaitable  # in this task: one task per request fewer than racing two
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone from None  # the watcher cancelled the call: the client left
+        raise
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    call.cancel()
-    task.cancel()
-    raise ClientGone
 
 
 def _wants_stream(body: bytes) -> bool:
