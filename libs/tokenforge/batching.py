@@ -45,6 +45,12 @@ log = logging.getLogger("tokenforge.batching")
 
 MAX_CALLS_PER_BATCH = 256
 MAX_BYTES_PER_BATCH = 4 * 1024 * 1024  # well under the 16 MiB message limit
+MAX_WAIT_S = 86_400.0  # longer deadlines (or none: inf) are this; timers and timeout_ms need a number
+MAX_TIMEOUT_MS = 2**32 - 1  # the uint32 of the batch messages
+# A stream that has taken or answered nothing for this long when a caller's deadline passes is
+# given up (frozen, wedged, or a peer gone without a word). A shorter silence is not proof:
+# a caller with a tight deadline must not fail its neighbours with longer ones.
+STREAM_SILENCE_S = 1.0
 
 
 def call_failure(exc: grpc.aio.AioRpcError) -> TFError:
@@ -108,6 +114,7 @@ class StreamBatches:
         self._seq = 0
         self._pending: dict[int, tuple[Any, asyncio.Future[Any]]] = {}  # seq → (its call, its future)
         self._answered_at = 0.0  # loop time of the current stream's last answer (or its opening)
+        self._write_started: float | None = None  # loop time the write in progress began
         self.streams_opened = 0
 
     def _stream(self) -> Any:
@@ -118,6 +125,20 @@ class StreamBatches:
             self._reader = asyncio.get_running_loop().create_task(self._read(call))
         return self._call
 
+    def _give_up_if_silent(self, call: Any, written_at: float) -> None:
+        """A caller's deadline passed. Give the current stream up if it has been silent for
+        STREAM_SILENCE_S: a write stuck that long, or our batch written that long ago with no
+        answer to anyone since. Its waiting batches fail; the next batch opens a new stream."""
+        current = self._call
+        if current is None:
+            return
+        now = asyncio.get_running_loop().time()
+        stuck_write = self._write_started is not None and now - self._write_started >= STREAM_SILENCE_S
+        unanswered = (call is current and written_at and self._answered_at < written_at
+                      and now - written_at >= STREAM_SILENCE_S)
+        if stuck_write or unanswered:
+            self._abandon(current)
+
     def _abandon(self, call: Any) -> None:
         if self._call is call:
             self._call = None
@@ -125,36 +146,34 @@ class StreamBatches:
 
     async def send(self, request: Any, timeout_s: float) -> Any:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = loop.time() + min(timeout_s, MAX_WAIT_S)
         self._seq += 1
         seq = self._seq
         request.seq = seq
         future: asyncio.Future[Any] = loop.create_future()
-        writing = call = None  # `writing`: the call while our write is in progress on it
+        call = None
         written_at = 0.0
         try:
             async with asyncio.timeout_at(deadline):
                 async with self._write_lock:
                     call = self._stream()
                     self._pending[seq] = (call, future)
-                    request.timeout_ms = max(1, int((deadline - loop.time()) * 1000))
-                    writing = call
-                    await call.write(request)
-                    writing = None
+                    request.timeout_ms = min(max(1, int((deadline - loop.time()) * 1000)), MAX_TIMEOUT_MS)
+                    self._write_started = loop.time()
+                    try:
+                        await call.write(request)
+                    finally:
+                        self._write_started = None
                     written_at = loop.time()
                 return await future
         except TimeoutError:
-            if writing is not None or (call is self._call and self._answered_at < written_at):
-                # The stream took nothing, or answered nothing, for a call's whole deadline: the
-                # service is frozen, wedged or gone without a word. Give the stream up; its
-                # waiting batches fail, and the next batch opens a new stream.
-                self._abandon(writing or call)
+            self._give_up_if_silent(call, written_at)
             raise _unavailable() from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # Our write failed: the stream had ended, or never reached the service (gRPC says
             # INTERNAL for a write to a call that could not start). Either way it is gone.
-            if writing is not None:
-                self._abandon(writing)
+            if call is not None and not written_at:
+                self._abandon(call)
             raise _unavailable("A tokenforge service closed its stream; try again.") from None
         finally:
             self._pending.pop(seq, None)
@@ -219,6 +238,7 @@ class Coalescer:
         """Send `request` as the `field` call of the next batch; its response, or its TFError."""
         if timeout_s <= 0:  # out of time already: it must not leave at all
             raise TFError("unavailable", "A tokenforge service did not answer in time; try again.")
+        timeout_s = min(timeout_s, MAX_WAIT_S)
         loop = asyncio.get_running_loop()
         carrier: dict[str, str] = {}
         inject(carrier, context=ctx)
@@ -278,6 +298,8 @@ class Coalescer:
             log.warning("a batch call failed: %r", exc)
             return
         outcomes = response.outcomes
+        if len(outcomes) == 1 and len(chunk) > 1 and outcomes[0].WhichOneof("outcome") == "error":
+            outcomes = [outcomes[0]] * len(chunk)  # the batch refused whole (a stream's answer)
         for i, q in enumerate(chunk):
             if q.future.done():
                 continue

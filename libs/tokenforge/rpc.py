@@ -39,6 +39,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+# A server accepts the clients' keepalive pings (every 30 s) also on a call that is open but
+# quiet, as the router's long-lived batch streams are when the stack is idle. gRPC's default
+# (one such ping per 5 minutes) answered them with GOAWAY "too_many_pings" after a few idle
+# minutes, dropping the connection and every stream on it.
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 
 
 def _error_status(err: TFError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]]:
@@ -180,10 +189,9 @@ async def answer_batch(
     outcome's oneof uses the same field names, plus `error`. Only methods that do not use
     their `context` may be batched (they all share the Batch call's).
     """
-    calls = list(calls)
-    if len(calls) > MAX_BATCH_CALLS:
+    if len(calls) > MAX_BATCH_CALLS:  # counted without building the calls' objects
         await _abort(_oversized(), context, None, _span_name(servicer, "Batch"))
-    return await _answer_calls(servicer, calls, methods, outcome_cls, context)
+    return await _answer_calls(servicer, list(calls), methods, outcome_cls, context)
 
 
 def _oversized() -> TFError:
@@ -262,10 +270,13 @@ async def answer_batch_stream(
 
     async def answer(request: Any) -> None:
         try:
-            calls = list(request.calls)
-            if len(calls) > MAX_BATCH_CALLS:
-                outcomes = [_call_error(outcome_cls, _oversized())] * len(calls)
+            if len(request.calls) > MAX_BATCH_CALLS:
+                # Refused whole, with ONE error outcome (the client applies it to every call):
+                # an answer per call would make a hostile batch of millions of empty calls
+                # cost seconds of the event loop and gigabytes, and be too large to send.
+                outcomes = [_call_error(outcome_cls, _oversized())]
             else:
+                calls = list(request.calls)
                 timeout_s = request.timeout_ms / 1000 if request.timeout_ms else None
                 try:
                     async with asyncio.timeout(timeout_s):
@@ -356,7 +367,7 @@ async def serve(
         setup_tracing(name)
     global _server_spans
     _server_spans = exporting()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     service_names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -57,6 +57,7 @@ from tokenforge.rpc import (
 from tokenforge.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("tokenforge.ledger")
+WRITERS_STOP_S = 3.0  # after the gRPC grace period, at most this long for the writers to finish
 
 Writers = WriterGroup | ThreadedWriterGroup
 
@@ -741,11 +742,23 @@ async def _main(settings: Settings) -> int:
 
     async def on_stop() -> None:
         stop_reaper.set()
-        await reaper_task
-        await writers.stop()
-        if isinstance(writers, WriterGroup):
-            await writers.pool.close()
-        await pool.close()
+        try:
+            # Batches already sent to PostgreSQL may finish (their callers have been cut off
+            # by the gRPC grace period already); a statement stuck behind a lock may not keep
+            # the process alive: each batch commits whole or not at all, and every operation
+            # is idempotent by its request id, so a cut-off batch is simply retried later.
+            async with asyncio.timeout(WRITERS_STOP_S):
+                await reaper_task
+                await writers.stop()
+                if isinstance(writers, WriterGroup):
+                    await writers.pool.close()
+                await pool.close()
+        except TimeoutError:
+            log.warning("the writers did not stop within %g s; closing their connections", WRITERS_STOP_S)
+            reaper_task.cancel()
+            if isinstance(writers, WriterGroup):
+                writers.pool.terminate()
+            pool.terminate()
 
     await serve(name="ledger", bind=settings.ledger_addr, register=register, on_stop=on_stop)
     return 0

@@ -22,8 +22,8 @@ import pytest
 from tokenforge.batching import Coalescer, StreamBatches
 from tokenforge.errors import TFError
 from tokenforge.rpc import MAX_BATCH_CALLS, client_channel
+from tokenforge.v1 import common_pb2, ledger_pb2_grpc
 from tokenforge.v1 import ledger_pb2 as L
-from tokenforge.v1 import ledger_pb2_grpc
 
 from .conftest import audit_ok, free_port, new_customer, start_ledger
 
@@ -69,26 +69,42 @@ async def test_one_stream_carries_many_batches(stub) -> None:
     await audit_ok(stub)
 
 
-async def test_an_oversized_batch_on_a_stream_is_refused_call_by_call(stub) -> None:
+async def test_an_oversized_batch_on_a_stream_is_refused_whole_and_the_stream_goes_on(stub) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
     calls = [L.LedgerCall(hold=hold_call(c.key_id, rid("big"), 1)) for _ in range(MAX_BATCH_CALLS + 1)]
 
-    async def one_batch() -> AsyncIterator[L.LedgerBatchRequest]:
+    async def batches() -> AsyncIterator[L.LedgerBatchRequest]:
         yield L.LedgerBatchRequest(seq=7, timeout_ms=5000, calls=calls)
         yield L.LedgerBatchRequest(seq=8, timeout_ms=5000, calls=calls[:1])
 
-    answers = [r async for r in stub.BatchStream(one_batch(), timeout=WAIT_S)]
+    answers = [r async for r in stub.BatchStream(batches(), timeout=WAIT_S)]
     by_seq = {a.seq: a for a in answers}
     assert sorted(by_seq) == [7, 8]
-    refused = by_seq[7].outcomes
-    assert len(refused) == MAX_BATCH_CALLS + 1
-    assert {(o.WhichOneof("outcome"), o.error.code, o.error.param) for o in refused} == {
-        ("error", "invalid_request", "calls")
-    }
+    # one error for the whole batch, not one per call (a batch of millions of empty calls
+    # must not cost the ledger an answer per call)
+    [refused] = by_seq[7].outcomes
+    assert (refused.WhichOneof("outcome"), refused.error.code, refused.error.param) == ("error", "invalid_request", "calls")
+    assert str(MAX_BATCH_CALLS) in refused.error.message
     # the stream went on: the next batch was answered, and only its hold was placed
     assert by_seq[8].outcomes[0].hold.amount_nano == 1
     w = (await stub.GetAccount(L.GetAccountRequest(account_id=c.account_id))).balances.wallet
     assert w.held_nano == 1
+    await audit_ok(stub)
+
+
+async def test_a_huge_batch_of_empty_calls_is_refused_quickly(stub) -> None:
+    """Two million empty calls (4 MB on the wire): refused in about the time it takes to
+    parse them, and the ledger keeps answering others meanwhile."""
+    huge = L.LedgerBatchRequest(seq=1, timeout_ms=20_000, calls=[L.LedgerCall()] * 2_000_000)
+
+    async def one() -> AsyncIterator[L.LedgerBatchRequest]:
+        yield huge
+
+    started = time.monotonic()
+    answers = [r async for r in stub.BatchStream(one(), timeout=WAIT_S)]
+    assert [len(a.outcomes) for a in answers] == [1]
+    assert answers[0].outcomes[0].error.code == "invalid_request"
+    assert time.monotonic() - started < 5.0
     await audit_ok(stub)
 
 
@@ -140,7 +156,10 @@ class Scripted(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self) -> None:
         self.reverse = False
         self.deaf = False
+        self.refuse_whole = False  # answer every batch with one error outcome
+        self.delay_s = 0.0  # answer each batch this long after reading it
         self.streams = 0
+        self.timeouts_ms: list[int] = []
 
     async def BatchStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self.streams += 1
@@ -151,11 +170,18 @@ class Scripted(ledger_pb2_grpc.LedgerServiceServicer):
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
+            self.timeouts_ms.append(request.timeout_ms)
             held.append(request)
             if self.reverse and len(held) < 2:
                 continue
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)  # the service's slowness, not a synchronisation
             for r in reversed(held):
-                outcomes = [L.LedgerOutcome(hold=L.HoldResponse(amount_nano=c.hold.amount_nano)) for c in r.calls]
+                if self.refuse_whole:
+                    error = common_pb2.CallError(code="invalid_request", message="refused whole", param="calls")
+                    outcomes = [L.LedgerOutcome(error=error)]
+                else:
+                    outcomes = [L.LedgerOutcome(hold=L.HoldResponse(amount_nano=c.hold.amount_nano)) for c in r.calls]
                 await context.write(L.LedgerBatchResponse(seq=r.seq, outcomes=outcomes))
             held.clear()
 
@@ -213,4 +239,46 @@ async def test_a_service_that_stops_reading_fails_each_call_at_its_deadline(scri
             assert err.code == "unavailable"
     assert answer is not None and answer.amount_nano == 5
     assert transport.streams_opened >= 2 and servicer.streams == transport.streams_opened
+    await co.aclose()
+
+
+async def test_a_batch_refused_whole_fails_each_of_its_calls_with_that_error(scripted) -> None:
+    servicer, stub = scripted
+    servicer.refuse_whole = True
+    co, _ = stream_coalescer(stub)
+    results = await asyncio.wait_for(asyncio.gather(
+        *(co.call("hold", hold_call("k", rid("w"), i + 1), None, WAIT_S) for i in range(5)),
+        return_exceptions=True), WAIT_S)
+    assert co.stats.rpcs == 1
+    assert [(type(r), r.code, r.param) for r in results] == [(TFError, "invalid_request", "calls")] * 5
+    await co.aclose()
+
+
+async def test_a_tight_deadline_does_not_fail_a_neighbour_with_a_longer_one(scripted) -> None:
+    """The service answers after 0.4 s. A caller allowed 0.1 s fails; one allowed 10 s on the
+    same stream still gets its answer: a short silence is no reason to give the stream up."""
+    servicer, stub = scripted
+    servicer.delay_s = 0.4
+    co, transport = stream_coalescer(stub)
+    long = asyncio.create_task(co.call("hold", hold_call("k", rid("long"), 10), None, 10.0))
+    for _ in range(1000):  # let the long call's batch leave first, alone
+        if co.stats.rpcs == 1:
+            break
+        await asyncio.sleep(0)
+    with pytest.raises(TFError) as info:
+        await co.call("hold", hold_call("k", rid("short"), 1), None, 0.1)
+    assert info.value.code == "unavailable"
+    answer = await asyncio.wait_for(long, WAIT_S)
+    assert answer.amount_nano == 10
+    assert transport.streams_opened == 1
+    await co.aclose()
+
+
+@pytest.mark.parametrize("timeout_s", [1e7, float("inf")], ids=["116-days", "inf"])
+async def test_deadlines_beyond_the_wire_format_are_clamped(scripted, timeout_s: float) -> None:
+    servicer, stub = scripted
+    co, _ = stream_coalescer(stub)
+    answer = await asyncio.wait_for(co.call("hold", hold_call("k", rid("far"), 3), None, timeout_s), WAIT_S)
+    assert answer.amount_nano == 3
+    assert 0 < servicer.timeouts_ms[-1] <= 2**32 - 1
     await co.aclose()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
+import time
 
 import asyncpg
 import grpc
@@ -145,3 +147,52 @@ async def test_kill_9_during_load(fresh_database_url: str, tmp_path) -> None:
             await conn.close()
     finally:
         assert ledger.stop() == 0, ledger.log()[-3000:]
+
+
+async def test_sigterm_with_a_batch_stuck_behind_a_lock_exits_in_bounded_time(fresh_database_url: str, tmp_path) -> None:
+    """A writer's statement waits for a row lock someone else holds: SIGTERM still ends the
+    ledger within its gRPC grace period plus the writers' bound (5 s + 3 s), the caller gets
+    an error, and after a restart nothing was half-written."""
+    ledger = await start_ledger(fresh_database_url, tmp_path / "ledger-1.log")
+    blocker = await asyncpg.connect(fresh_database_url)
+    try:
+        async with client_channel(ledger.addr) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            c = await new_customer(stub, wallet_nano=ONE)
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM buckets WHERE account_id = $1 FOR UPDATE", c.account_id)
+            hold = asyncio.ensure_future(stub.Hold(
+                L.HoldRequest(request_id="stuck-" + secrets.token_hex(4), key_id=c.key_id, bucket=1, amount_nano=ONE // 10),
+                timeout=30))
+            # the hold is at the database, waiting for the lock (bounded wait for it to show)
+            for _ in range(200):
+                waiting = await blocker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the ledger's statement never waited for the lock"
+            started = time.monotonic()
+            ledger.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(ledger.proc.wait, 20)
+            elapsed_s = time.monotonic() - started
+            assert elapsed_s < 10.0, elapsed_s  # 5 s of gRPC grace + 3 s for the writers, and slack
+            assert code == 0, ledger.log()[-2000:]
+            with pytest.raises(grpc.aio.AioRpcError):
+                await asyncio.wait_for(hold, 10)
+            await tx.rollback()
+    finally:
+        await blocker.close()
+        ledger.stop()
+
+    restarted = await start_ledger(fresh_database_url, tmp_path / "ledger-2.log")
+    try:
+        async with client_channel(restarted.addr) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            result = await stub.Audit(L.AuditRequest())
+            assert result.ok, list(result.problems)
+            w = (await stub.GetAccount(L.GetAccountRequest(account_id=c.account_id))).balances.wallet
+            assert w.balance_nano == ONE and w.held_nano in (0, ONE // 10)
+    finally:
+        restarted.stop()
