@@ -107,7 +107,8 @@ async def research(url: str, api_key: str, *, budget_wallet: str | None = None, 
     from tokenforge.report import report_text
 
     print(report_text(report), file=out)
-    print(f"\nreport page: {url}/v1/runs/{run['id']}/report.html", file=out)
+    print(f"\nreport page: {url}/v1/runs/{run['id']}/report.html (needs the run's key: "
+          "curl -H \"Authorization: Bearer $KEY\" URL > report.html, then open the file)", file=out)
     return report
 
 

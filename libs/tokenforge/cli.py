@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 
 SERVICES = {
@@ -25,7 +26,7 @@ def _serve(name: str) -> int:
     return int(module.run(settings) or 0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     for noisy in ("pgserver", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.basicConfig(
@@ -79,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(demo_mod.main(ns)) or 0
     parser.error("unknown command")
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`tokenforge receipt ID --json | head`): stop quietly, and keep
+        # Python from reporting the same error again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
