@@ -54,6 +54,9 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_CAP_S = 1.0
 REFUSAL_CODES = frozenset({"insufficient_balance", "key_budget_exceeded", "run_budget_exceeded"})
 HOLD_MARGIN_S = 60
+UNANSWERED_HOLD_TRIES = 7  # waits 0.5, 0.5, 1, 2, 4, 8, 16 s: ~32 s in all
+UNANSWERED_HOLD_FIRST_WAIT_S = 0.5
+UNANSWERED_HOLD_MAX_WAIT_S = 16.0
 MAX_RUN_FIELD_CHARS = 200
 # Settling keeps trying for this long while the ledger is unavailable; well inside the hold's
 # margin (HOLD_MARGIN_S), so the hold is still there when the ledger is back.
@@ -225,14 +228,45 @@ class Router:
         t.pending_hold = (channel.bucket, quote.amount_nano, call)
         try:
             held = await asyncio.shield(call)
-        except TFError:
+        except TFError as err:
             t.pending_hold = None  # refused: nothing held
+            if err.code == "unavailable":
+                # No answer is not a refusal: the ledger may still apply the hold after we gave
+                # up (it was slow, or frozen with our batch in its socket). Release it once it
+                # shows, instead of leaving the customer's money held until the hold expires.
+                self._in_background(self._release_unanswered_hold(t, channel.bucket))
             raise
         t.pending_hold = None
         # Request ids are fresh per request, so a replay is our own hold answered twice: the
         # ledger committed it, lost the connection before answering, and answered it again
         # as a replay on the retry. It is held all the same (a replay matches the parameters).
         t.holds[channel.bucket] = held.amount_nano
+
+    async def _release_unanswered_hold(self, t: Ticket, bucket: Bucket) -> None:
+        """Release the hold of a Hold call that got no answer, if the ledger applied it after
+        all. Release is idempotent; `not_found` means it has not shown (yet), so tenacity asks
+        again with backoff, about 30 s in all, well inside the hold's own expiry."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(UNANSWERED_HOLD_TRIES),
+            wait=wait_exponential(multiplier=UNANSWERED_HOLD_FIRST_WAIT_S, max=UNANSWERED_HOLD_MAX_WAIT_S),
+            retry=retry_if_exception(lambda e: isinstance(e, TFError) and e.code in ("not_found", "unavailable")),
+            reraise=True,
+        )
+        try:
+            await asyncio.sleep(UNANSWERED_HOLD_FIRST_WAIT_S)
+            async for attempt in retrying:
+                with attempt:
+                    released = await self.backends.call(
+                        self.backends.ledger.Release,
+                        ledger_pb2.ReleaseRequest(request_id=t.request_id, bucket=bucket.to_pb()),
+                        t.ctx,
+                    )
+            log.info("released %s held by request %s after its Hold went unanswered",
+                     format_nano(released.released_nano), t.request_id)
+        except TFError as err:
+            if err.code != "not_found":
+                log.warning("could not release the unanswered hold of %s (%s); it expires on its own",
+                            t.request_id, err.code)
 
     async def _record_refusal(self, t: Ticket, code: str) -> None:
         try:

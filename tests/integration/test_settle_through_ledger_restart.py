@@ -1,4 +1,6 @@
-"""A ledger that restarts while a request is at the upstream does not lose the request.
+"""The router and a ledger in trouble: a ledger that restarts while a request is at the
+upstream does not lose the request; a hold the ledger applies after the router gave up on it
+is released, not left held until it expires.
 
 Real processes: a ledger on a fixed port (restarted on it), metering, the simulator and a router,
 talked to over the router's gRPC API as an internal service would. The upstream answers after
@@ -17,6 +19,8 @@ import time
 from collections.abc import Iterator
 from decimal import Decimal
 
+import asyncpg
+import grpc
 import pytest
 
 from tests.integration._procs_metering import ServiceProc, start_service, start_sim
@@ -116,5 +120,58 @@ async def test_a_ledger_restart_during_the_upstream_call_still_settles_exactly_o
             assert [r.id for r in page.receipts] == [s.receipt_id]  # exactly one receipt
             await audit_ok(ledger_stub)
     finally:
+        router.stop()
+        ledger.stop()
+
+
+async def test_a_hold_applied_after_the_router_gave_up_is_released_soon(
+    services, fresh_database_url, tmp_path
+) -> None:
+    """The ledger is slow to hold (its write waits for a row lock longer than the router's
+    10 s call timeout): the client gets an error, and the hold the ledger applies after the
+    lock goes is released by the router within seconds, not left until it expires (3 min)."""
+    ledger = await start_ledger(fresh_database_url, tmp_path / "ledger.log")
+    router = start_service(
+        "router",
+        {**services, "TF_LEDGER_ADDR": ledger.addr, "TF_ROUTER_ADDR": f"127.0.0.1:{free_port()}"},
+        r"router ready on (\S+)",
+    )
+    blocker = await asyncpg.connect(fresh_database_url)
+    try:
+        async with client_channel(ledger.addr) as ledger_channel, client_channel(router.address) as router_channel:
+            ledger_stub = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
+            c = await new_customer(ledger_stub, wallet_nano=ONE)
+            router_stub = router_pb2_grpc.RouterServiceStub(router_channel)
+            body = json.dumps({"model": "m-slow", "max_tokens": 50,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM buckets WHERE account_id = $1 FOR UPDATE", c.account_id)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await router_stub.ChatCompletion(
+                    router_pb2.ChatCompletionRequest(body_json=body),
+                    metadata=(("authorization", f"Bearer {c.secret}"),), timeout=WAIT_S)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await tx.rollback()  # the ledger's write goes through now: the hold is placed late
+
+            async def wallet() -> L.Bucket:
+                return (await ledger_stub.GetAccount(L.GetAccountRequest(account_id=c.account_id))).balances.wallet
+
+            seen_held, released_after_s = False, None
+            freed_at = time.monotonic()
+            while time.monotonic() - freed_at < 20.0:
+                held = (await wallet()).held_nano
+                seen_held = seen_held or held > 0
+                if seen_held and held == 0:
+                    released_after_s = time.monotonic() - freed_at
+                    break
+                await asyncio.sleep(0.05)  # polling the balance, bounded by the loop's 20 s
+            assert seen_held, "the ledger never applied the late hold (the scenario did not happen)"
+            assert released_after_s is not None, "the late hold is still held after 20 s"
+            w = await wallet()
+            assert (w.balance_nano, w.held_nano) == (ONE, 0)  # nothing charged: no upstream call
+            await audit_ok(ledger_stub)
+    finally:
+        await blocker.close()
         router.stop()
         ledger.stop()
