@@ -48,6 +48,18 @@ models:
 """.replace("UPSTREAM_DELAY_MS", str(UPSTREAM_DELAY_MS))
 
 
+BODY = json.dumps({"model": "m-slow", "max_tokens": 50,
+                   "messages": [{"role": "user", "content": "Tell me about tokens."}]}).encode()
+
+
+def start_router(env: dict[str, str], ledger_addr: str) -> ServiceProc:
+    return start_service(
+        "router",
+        {**env, "TF_LEDGER_ADDR": ledger_addr, "TF_ROUTER_ADDR": f"127.0.0.1:{free_port()}"},
+        r"router ready on (\S+)",
+    )
+
+
 @pytest.fixture
 def services(tmp_path: pathlib.Path) -> Iterator[dict[str, str]]:
     """The simulator and metering, and the environment a router needs (without its ledger)."""
@@ -71,21 +83,15 @@ async def test_a_ledger_restart_during_the_upstream_call_still_settles_exactly_o
 ) -> None:
     ledger_port = free_port()
     ledger = await start_ledger(fresh_database_url, tmp_path / "ledger-1.log", port=ledger_port)
-    router = start_service(
-        "router",
-        {**services, "TF_LEDGER_ADDR": ledger.addr, "TF_ROUTER_ADDR": f"127.0.0.1:{free_port()}"},
-        r"router ready on (\S+)",
-    )
+    router = start_router(services, ledger.addr)
     try:
         async with client_channel(ledger.addr) as ledger_channel, client_channel(router.address) as router_channel:
             ledger_stub = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
             c = await new_customer(ledger_stub, wallet_nano=ONE)
             router_stub = router_pb2_grpc.RouterServiceStub(router_channel)
-            body = json.dumps({"model": "m-slow", "max_tokens": 50,
-                               "messages": [{"role": "user", "content": "Tell me about tokens."}]}).encode()
             started = time.monotonic()
             chat = asyncio.ensure_future(router_stub.ChatCompletion(
-                router_pb2.ChatCompletionRequest(body_json=body),
+                router_pb2.ChatCompletionRequest(body_json=BODY),
                 metadata=(("authorization", f"Bearer {c.secret}"),), timeout=WAIT_S))
 
             # The hold is taken before the upstream call: wait for it, then take the ledger down.
@@ -131,25 +137,19 @@ async def test_a_hold_applied_after_the_router_gave_up_is_released_soon(
     10 s call timeout): the client gets an error, and the hold the ledger applies after the
     lock goes is released by the router within seconds, not left until it expires (3 min)."""
     ledger = await start_ledger(fresh_database_url, tmp_path / "ledger.log")
-    router = start_service(
-        "router",
-        {**services, "TF_LEDGER_ADDR": ledger.addr, "TF_ROUTER_ADDR": f"127.0.0.1:{free_port()}"},
-        r"router ready on (\S+)",
-    )
+    router = start_router(services, ledger.addr)
     blocker = await asyncpg.connect(fresh_database_url)
     try:
         async with client_channel(ledger.addr) as ledger_channel, client_channel(router.address) as router_channel:
             ledger_stub = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
             c = await new_customer(ledger_stub, wallet_nano=ONE)
             router_stub = router_pb2_grpc.RouterServiceStub(router_channel)
-            body = json.dumps({"model": "m-slow", "max_tokens": 50,
-                               "messages": [{"role": "user", "content": "hi"}]}).encode()
             tx = blocker.transaction()
             await tx.start()
             await blocker.execute("SELECT 1 FROM buckets WHERE account_id = $1 FOR UPDATE", c.account_id)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await router_stub.ChatCompletion(
-                    router_pb2.ChatCompletionRequest(body_json=body),
+                    router_pb2.ChatCompletionRequest(body_json=BODY),
                     metadata=(("authorization", f"Bearer {c.secret}"),), timeout=WAIT_S)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             await tx.rollback()  # the ledger's write goes through now: the hold is placed late
