@@ -57,7 +57,7 @@ def call_failure(exc: grpc.aio.AioRpcError) -> TFError:
     """The TFError for a failed call to one of our services."""
     if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
         # Our own service did not answer: that is not an upstream timeout.
-        return TFError("unavailable", "A tokenforge service did not answer in time; try again.")
+        return _unavailable()
     return from_rpc_error(exc)
 
 
@@ -237,7 +237,7 @@ class Coalescer:
     async def call(self, field: str, request: Any, ctx: otel_context.Context | None, timeout_s: float) -> Any:
         """Send `request` as the `field` call of the next batch; its response, or its TFError."""
         if timeout_s <= 0:  # out of time already: it must not leave at all
-            raise TFError("unavailable", "A tokenforge service did not answer in time; try again.")
+            raise _unavailable()
         timeout_s = min(timeout_s, MAX_WAIT_S)
         loop = asyncio.get_running_loop()
         carrier: dict[str, str] = {}
@@ -252,7 +252,7 @@ class Coalescer:
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError:
-            raise TFError("unavailable", "A tokenforge service did not answer in time; try again.") from None
+            raise _unavailable() from None
 
     def _flush(self) -> None:
         self._scheduled = False

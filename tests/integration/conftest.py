@@ -19,11 +19,13 @@ import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
+from tokenforge.batching import Coalescer, StreamBatches, UnaryBatches
 from tokenforge.rpc import client_channel, wait_healthy
 from tokenforge.v1 import ledger_pb2 as L
 from tokenforge.v1 import ledger_pb2_grpc
@@ -223,6 +225,18 @@ async def new_customer(
         L.CreateKeyRequest(account_id=account.id, name=name, route_policy=3, limits=limits)
     )
     return Customer(account.id, created.key.id, created.secret)
+
+
+@pytest.fixture(params=["stream", "unary"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """How batches travel: messages on one BatchStream call (the router's way) or unary Batch calls."""
+    return str(request.param)
+
+
+def coalescer(stub: Any, kind: str, call_cls: type, request_cls: type) -> Coalescer:
+    """A Coalescer over `stub`'s BatchStream (kind "stream") or its unary Batch."""
+    transport = StreamBatches(stub.BatchStream) if kind == "stream" else UnaryBatches(stub.Batch)
+    return Coalescer(transport, call_cls, request_cls)
 
 
 async def audit_ok(stub: ledger_pb2_grpc.LedgerServiceStub) -> None:

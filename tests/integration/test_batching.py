@@ -20,15 +20,13 @@ from tokenforge.batching import (
     MAX_BYTES_PER_BATCH,
     MAX_CALLS_PER_BATCH,
     Coalescer,
-    StreamBatches,
-    UnaryBatches,
 )
 from tokenforge.errors import TFError, from_rpc_error
 from tokenforge.rpc import MAX_BATCH_CALLS, client_channel
 from tokenforge.v1 import ledger_pb2 as L
 from tokenforge.v1 import ledger_pb2_grpc
 
-from .conftest import audit_ok, free_port, new_customer, start_ledger
+from .conftest import audit_ok, coalescer, free_port, new_customer, start_ledger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -43,15 +41,8 @@ def rid(tag: str = "b") -> str:
     return f"{tag}-{secrets.token_hex(6)}"
 
 
-@pytest.fixture(params=["stream", "unary"])
-def kind(request: pytest.FixtureRequest) -> str:
-    """How batches travel: messages on one BatchStream call (the router's way) or unary Batch calls."""
-    return str(request.param)
-
-
 def coalescer_for(stub: ledger_pb2_grpc.LedgerServiceStub, kind: str) -> Coalescer:
-    transport = StreamBatches(stub.BatchStream) if kind == "stream" else UnaryBatches(stub.Batch)
-    return Coalescer(transport, L.LedgerCall, L.LedgerBatchRequest)
+    return coalescer(stub, kind, L.LedgerCall, L.LedgerBatchRequest)
 
 
 def hold(

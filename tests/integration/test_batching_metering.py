@@ -14,7 +14,8 @@ import pytest
 import pytest_asyncio
 
 from tests.integration._procs_metering import ServiceProc, start_metering
-from tokenforge.batching import Coalescer, StreamBatches, UnaryBatches
+from tests.integration.conftest import coalescer
+from tokenforge.batching import Coalescer
 from tokenforge.errors import TFError, from_rpc_error
 from tokenforge.rpc import client_channel, wait_healthy
 from tokenforge.v1 import common_pb2, metering_pb2, metering_pb2_grpc
@@ -46,14 +47,8 @@ async def stub(metering: ServiceProc) -> AsyncIterator[metering_pb2_grpc.Meterin
         yield metering_pb2_grpc.MeteringServiceStub(channel)
 
 
-@pytest.fixture(params=["stream", "unary"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def coalescer_for(stub: metering_pb2_grpc.MeteringServiceStub, kind: str) -> Coalescer:
-    transport = StreamBatches(stub.BatchStream) if kind == "stream" else UnaryBatches(stub.Batch)
-    return Coalescer(transport, metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
+    return coalescer(stub, kind, metering_pb2.MeteringCall, metering_pb2.MeteringBatchRequest)
 
 
 async def unary(stub: metering_pb2_grpc.MeteringServiceStub, field: str, request: Any) -> Any:
