@@ -703,6 +703,7 @@ def _env_number(name: str, default: float) -> float:
 
 async def _main(settings: Settings) -> int:
     n_writers = int(_env_number("TF_LEDGER_WRITERS", 1))
+    row_cache = bool(_env_number("TF_LEDGER_ROW_CACHE", 1))  # 0: every batch reads its rows first
     reap_interval_s = _env_number("TF_LEDGER_REAP_INTERVAL_S", 1.0)
     policy = Policy(
         hold_ttl_s=settings.hold_ttl_s,
@@ -725,12 +726,12 @@ async def _main(settings: Settings) -> int:
     writers: Writers
     if _env_number("TF_LEDGER_WRITER_THREAD", 0):
         # the writers have a connection each, on their own thread and loop
-        writers = ThreadedWriterGroup(settings.database_url, policy, n_writers)
+        writers = ThreadedWriterGroup(settings.database_url, policy, n_writers, row_cache=row_cache)
         await writers.start()
     else:
         size = n_writers * MAX_IN_FLIGHT  # each batch in flight has a connection
         writer_pool = await store.create_pool(settings.database_url, min_size=size, max_size=size, writer=True)
-        writers = WriterGroup(writer_pool, policy, n_writers)
+        writers = WriterGroup(writer_pool, policy, n_writers, row_cache=row_cache)
         writers.start()
     stop_reaper = asyncio.Event()
     reaper_task = asyncio.create_task(reaper(pool, writers, reap_interval_s, stop_reaper))

@@ -189,11 +189,11 @@ class Snapshot:
     receipts_refunded: dict[str, int]  # receipt id → refunded_nano, of receipts refunds name
 
 
-def _key_version(k: KeyRow) -> tuple[Any, ...]:
+def key_version(k: KeyRow) -> tuple[Any, ...]:
     return (k.revoked, k.spent[W], k.spent[C], k.held[W], k.held[C], k.day, k.day_spent[W], k.day_spent[C])
 
 
-def _run_version(r: RunRow) -> tuple[Any, ...]:
+def run_version(r: RunRow) -> tuple[Any, ...]:
     return (r.status, r.reserved[W], r.reserved[C], r.spent[W], r.spent[C])
 
 
@@ -316,13 +316,13 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
             r[col] = _ts(r[col])
         run = _run_row(r)
         book.runs[run.id] = run
-        snap.runs[run.id] = _run_version(run)
+        snap.runs[run.id] = run_version(run)
     for r in _json_rows(row["keys"]):
         if r["day"] is not None:
             r["day"] = dt.date.fromisoformat(r["day"])
         key = _key_row(r)
         book.keys[key.id] = key
-        snap.keys[key.id] = _key_version(key)
+        snap.keys[key.id] = key_version(key)
     for r in _json_rows(row["receipts"]):
         book.receipts[r["request_id"]] = _receipt_row(r)
     for r in _json_rows(row["topups"]):
@@ -375,8 +375,10 @@ class _Writes:
         self.checks: list[tuple[str, int]] = []
 
     def add(
-        self, name: str, sql: str, types: Sequence[str], rows: Sequence[Any], *getters: Any, expect: bool = False
+        self, name: str, sql: str, types: Sequence[str], rows: Sequence[Any], *getters: Any, expect: bool = False,
+        absent: bool = False,
     ) -> None:
+        """`expect`: the part must return one row per input row; `absent`: it must return none."""
         if not rows:
             return
         assert len(types) == len(getters)
@@ -386,6 +388,8 @@ class _Writes:
         self.args.extend(_cols(rows, *getters))
         if expect:
             self.checks.append((name, len(rows)))
+        elif absent:
+            self.checks.append((name, 0))
 
     def statement(self) -> str | None:
         if not self.parts:
@@ -407,15 +411,18 @@ def _cols(rows: Iterable[Any], *getters: Any) -> list[list[Any]]:
     return out
 
 
-async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot) -> None:
+async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot, fresh_requests: Sequence[str] = ()) -> None:
     """Write what the batch changed in ONE statement, committed on its own (autocommit).
 
     Every updated row is updated only if it still holds the values the batch read (`snap`);
     rows the batch created are protected by unique keys (request id + bucket, receipt per
-    request, the idempotency keys of top-ups, refunds and adjustments). Either check failing raises, and the batch is re-read
-    and re-applied by the writer.
+    request, the idempotency keys of top-ups, refunds and adjustments); no request of
+    `fresh_requests` may have a hold yet (a batch that did not read them believes so). Any
+    check failing raises, and the batch is re-read and re-applied by the writer.
     """
     w = _Writes()
+    w.add("fresh_requests", "SELECT 1 FROM holds WHERE request_id = ANY({params})", ["text"], fresh_requests,
+          lambda r: r, absent=True)
     w.add(
         "new_runs",
         """INSERT INTO runs (id, key_id, account_id, name, status, budget_wallet_nano,

@@ -17,6 +17,9 @@ How a batch runs (two round trips, whatever its size):
    If anything changed meanwhile, the statement fails as a whole, nothing is written, and the
    batch goes back to step 1. So the result is the same as holding locks from 1 to 3, without
    holding a lock across round trips.
+A batch of holds and settlements on accounts the writer has just written may skip step 1:
+`rowcache.py` keeps what the writer last committed, and step 3's compare-and-set then checks
+every row the batch used (that module says why this is exact).
 Results are handed out only after the commit returns: nobody is told "held" for a hold that is
 not durable. If the write fails for another reason (a database error, a bug), every operation
 of the batch is retried alone, so one bad operation cannot fail its neighbours.
@@ -61,6 +64,7 @@ import asyncpg
 from tokenforge.errors import TFError
 from tokenforge.ledger import store
 from tokenforge.ledger.core import Book, Op, Policy, Result
+from tokenforge.ledger.rowcache import RowCache
 
 log = logging.getLogger("tokenforge.ledger.writer")
 
@@ -91,6 +95,8 @@ class BatchStats:
     busy_s: float = 0.0  # time spent inside batch transactions
     conflicts: int = 0  # batches re-read because a row changed under them
     max_in_flight: int = 0  # most batches in the database at once
+    from_cache: int = 0  # batches written without a read (rowcache.py)
+    cache_stale: int = 0  # ... of which the write found a row changed: read and applied again
 
 
 class Writer:
@@ -113,9 +119,10 @@ class Writer:
     """
 
     def __init__(self, pool: asyncpg.Pool, policy: Policy, clock: Callable[[], dt.datetime] = _utcnow,
-                 max_in_flight: int = MAX_IN_FLIGHT):
+                 max_in_flight: int = MAX_IN_FLIGHT, row_cache: bool = True):
         assert max_in_flight >= 1
         self._pool = pool
+        self._cache = RowCache() if row_cache else None
         self._policy = policy
         self._clock = clock
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(MAX_QUEUE_OPS)
@@ -175,6 +182,8 @@ class Writer:
         if self._kept is not None:
             conn, self._kept = self._kept, None
             await self._release(conn)
+        if self._cache is not None:
+            self._cache.clear()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             _hand_back([(pending, TFError("unavailable", "the ledger is stopping"))])
@@ -259,6 +268,8 @@ class Writer:
             outcomes = await self._commit(conn, [p.op for p in batch])
             self.stats.busy_s += time.perf_counter() - started
         except Exception as exc:  # a database failure, or a bug: never let the writer die
+            if self._cache is not None:
+                self._cache.forget({p.op.account_id for p in batch})
             if conn is not None:
                 await self._done_with(conn, ok=False)  # the pool resets it, or replaces a broken one
             if len(batch) == 1:
@@ -275,6 +286,10 @@ class Writer:
 
     async def _commit(self, conn: asyncpg.Connection, ops: list[Op]) -> list[Result | TFError]:
         """Apply `ops` in order; returns each one's result or refusal once written."""
+        if self._cache is not None:
+            results = await self._commit_from_cache(conn, ops)
+            if results is not None:
+                return results
         for _ in range(MAX_CONFLICT_RETRIES):
             book = Book(now=self._clock(), policy=self._policy)
             snap = await store.load_book(conn, ops, book)
@@ -290,8 +305,38 @@ class Writer:
                 # Someone else changed what we read: read again and re-apply.
                 self.stats.conflicts += 1
                 continue
+            if self._cache is not None:
+                self._cache.remember(ops, book)
             return outcomes
         raise TFError("unavailable", "the ledger's rows kept changing under the batch; retry")
+
+    async def _commit_from_cache(self, conn: asyncpg.Connection, ops: list[Op]) -> list[Result | TFError] | None:
+        """The batch applied to what this writer last committed, without reading (rowcache.py
+        says why that is exact); None: it needs the read after all, nothing was written."""
+        assert self._cache is not None
+        book = Book(now=self._clock(), policy=self._policy)
+        planned = self._cache.plan(ops, book)
+        if planned is None:
+            return None
+        results: list[Result | TFError] = []
+        try:
+            for op in ops:
+                result = book.apply(op)
+                if getattr(result, "replayed", False):
+                    return None  # a replay is answered from the database's rows
+                results.append(result)
+        except Exception:  # noqa: BLE001 - a refusal (or a cached row that is wrong) is decided on a fresh read
+            return None
+        RowCache.mark_all_used(book)
+        try:
+            await store.write_book(conn, book, planned.snap, planned.fresh_requests)
+        except (asyncpg.SerializationError, asyncpg.UniqueViolationError):
+            self._cache.forget({op.account_id for op in ops})
+            self.stats.cache_stale += 1
+            return None
+        self._cache.remember(ops, book)
+        self.stats.from_cache += 1
+        return results
 
 
 def _usable(conn: asyncpg.Connection) -> bool:
@@ -362,10 +407,11 @@ def _hand_back(items: list[tuple[_Pending, Result | TFError]]) -> None:
 class WriterGroup:
     """Writers sharded by account id."""
 
-    def __init__(self, pool: asyncpg.Pool, policy: Policy, n_writers: int, clock: Callable[[], dt.datetime] = _utcnow):
+    def __init__(self, pool: asyncpg.Pool, policy: Policy, n_writers: int, clock: Callable[[], dt.datetime] = _utcnow,
+                 row_cache: bool = True):
         assert 1 <= n_writers <= 64
         self.pool = pool
-        self.writers = [Writer(pool, policy, clock) for _ in range(n_writers)]
+        self.writers = [Writer(pool, policy, clock, row_cache=row_cache) for _ in range(n_writers)]
 
     def start(self) -> None:
         for w in self.writers:
@@ -385,8 +431,10 @@ class WriterGroup:
 class ThreadedWriterGroup:
     """A `WriterGroup` on its own event loop in its own thread, with its own connections."""
 
-    def __init__(self, database_url: str, policy: Policy, n_writers: int, clock: Callable[[], dt.datetime] = _utcnow):
+    def __init__(self, database_url: str, policy: Policy, n_writers: int, clock: Callable[[], dt.datetime] = _utcnow,
+                 row_cache: bool = True):
         self._url = database_url
+        self._row_cache = row_cache
         self._policy = policy
         self._n = n_writers
         self._clock = clock
@@ -427,7 +475,7 @@ class ThreadedWriterGroup:
 
         size = self._n * MAX_IN_FLIGHT
         self._pool = await store.create_pool(self._url, min_size=size, max_size=size, writer=True)
-        self._group = WriterGroup(self._pool, self._policy, self._n, self._clock)
+        self._group = WriterGroup(self._pool, self._policy, self._n, self._clock, self._row_cache)
         self._group.start()
 
     async def _teardown(self) -> None:

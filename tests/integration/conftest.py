@@ -26,6 +26,9 @@ import grpc
 import pytest
 
 from tokenforge.batching import Coalescer, StreamBatches, UnaryBatches
+from tokenforge.ledger import core, migrations, store
+from tokenforge.ledger.writer import WriterGroup
+from tokenforge.money import Bucket
 from tokenforge.rpc import client_channel, wait_healthy
 from tokenforge.v1 import ledger_pb2 as L
 from tokenforge.v1 import ledger_pb2_grpc
@@ -237,6 +240,32 @@ def coalescer(stub: Any, kind: str, call_cls: type, request_cls: type) -> Coales
     """A Coalescer over `stub`'s BatchStream (kind "stream") or its unary Batch."""
     transport = StreamBatches(stub.BatchStream) if kind == "stream" else UnaryBatches(stub.Batch)
     return Coalescer(transport, call_cls, request_cls)
+
+
+# ---- the ledger's writers in this process, on a fresh database (no gRPC) -----------------------
+
+
+@pytest.fixture
+async def pool(fresh_database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated fresh database and a pool for WriterGroups to take connections from."""
+    conn = await asyncpg.connect(fresh_database_url)
+    await migrations.migrate(conn)
+    assert await migrations.migrate(conn) == []  # applied once
+    await conn.close()
+    pool = await store.create_pool(fresh_database_url, min_size=1, max_size=6, writer=True)
+    yield pool
+    await pool.close()
+
+
+async def writer_customer(pool: asyncpg.Pool, group: WriterGroup, wallet_nano: int = 1000) -> tuple[str, str]:
+    """An account with an `auto` key and `wallet_nano` in its wallet: (account id, key id)."""
+    account_id, key_id = core.new_id("acct"), core.new_id("key")
+    async with pool.acquire() as conn:
+        await store.create_account(conn, account_id, "test")
+        await store.create_key(conn, key_id=key_id, account_id=account_id, name="k", secret=secrets.token_urlsafe(),
+                               prefix="sk", route_policy="auto", allowed_models=[], limits=core.KeyLimitsNano())
+    await group.submit(core.TopUpOp(account_id, Bucket.WALLET, wallet_nano, "seed-" + secrets.token_hex(4)))
+    return account_id, key_id
 
 
 async def audit_ok(stub: ledger_pb2_grpc.LedgerServiceStub) -> None:

@@ -11,34 +11,16 @@ import asyncpg
 import pytest
 
 from tokenforge.errors import TFError
-from tokenforge.ledger import core, migrations, store, writer
-from tokenforge.ledger.core import HoldOp, KeyLimitsNano, Policy, TopUpOp
+from tokenforge.ledger import store, writer
+from tokenforge.ledger.core import HoldOp, Policy
 from tokenforge.money import Bucket
+
+from .conftest import writer_customer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 POLICY = Policy(600, 3600, 3600)
 WAIT_S = 10.0
 POLLS_MAX = 500  # polls of the database (10 ms apart) a test waits for a state, at most
-
-
-@pytest.fixture
-async def pool(fresh_database_url: str):  # type: ignore[no-untyped-def]
-    conn = await asyncpg.connect(fresh_database_url)
-    await migrations.migrate(conn)
-    await conn.close()
-    p = await store.create_pool(fresh_database_url, min_size=1, max_size=4, writer=True)
-    yield p
-    await p.close()
-
-
-async def _customer(pool: asyncpg.Pool, group: writer.WriterGroup, wallet_nano: int = 1000) -> tuple[str, str]:
-    account_id, key_id = core.new_id("acct"), core.new_id("key")
-    async with pool.acquire() as conn:
-        await store.create_account(conn, account_id, "adv")
-        await store.create_key(conn, key_id=key_id, account_id=account_id, name="k", secret=secrets.token_urlsafe(),
-                               prefix="sk", route_policy="auto", allowed_models=[], limits=KeyLimitsNano())
-    await group.submit(TopUpOp(account_id, Bucket.WALLET, wallet_nano, "adv-" + secrets.token_hex(4)))
-    return account_id, key_id
 
 
 async def _until_lock_wait(conn: asyncpg.Connection) -> None:
@@ -66,7 +48,7 @@ async def test_stopping_the_writer_answers_a_batch_waiting_behind_one_in_flight(
     group = writer.WriterGroup(pool, POLICY, 1)
     group.start()
     w = group.writers[0]
-    account_id, key_id = await _customer(pool, group)
+    account_id, key_id = await writer_customer(pool, group)
     locker = await pool.acquire()
     try:
         tx = locker.transaction()
@@ -125,7 +107,7 @@ async def test_the_writer_recovers_when_the_database_drops_its_idle_connections(
     group = writer.WriterGroup(pool, POLICY, 1)
     group.start()
     try:
-        account_id, key_id = await _customer(pool, group, wallet_nano=10_000)
+        account_id, key_id = await writer_customer(pool, group, wallet_nano=10_000)
         await group.submit(HoldOp(account_id, "idle-0", key_id, Bucket.WALLET, 1))  # the kept one is open
         killer = await asyncpg.connect(fresh_database_url)
         try:

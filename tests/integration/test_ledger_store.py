@@ -5,46 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import secrets
 
 import asyncpg
 import pytest
 
 from tokenforge.errors import TFError
-from tokenforge.ledger import core, migrations, store, writer
-from tokenforge.ledger.core import Book, HoldOp, KeyLimitsNano, Policy, SettleOp, TopUpOp
+from tokenforge.ledger import store, writer
+from tokenforge.ledger.core import Book, HoldOp, Policy, SettleOp
 from tokenforge.money import Bucket
+
+from .conftest import writer_customer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 POLICY = Policy(600, 3600, 3600)
-
-
-@pytest.fixture
-async def pool(fresh_database_url: str):  # type: ignore[no-untyped-def]
-    conn = await asyncpg.connect(fresh_database_url)
-    await migrations.migrate(conn)
-    assert await migrations.migrate(conn) == []  # applied once
-    await conn.close()
-    p = await store.create_pool(fresh_database_url, min_size=1, max_size=3, writer=True)
-    yield p
-    await p.close()
-
-
-async def _customer(pool: asyncpg.Pool, group: writer.WriterGroup) -> tuple[str, str]:
-    account_id, key_id = core.new_id("acct"), core.new_id("key")
-    async with pool.acquire() as conn:
-        await store.create_account(conn, account_id, "occ")
-        await store.create_key(conn, key_id=key_id, account_id=account_id, name="k", secret=secrets.token_urlsafe(),
-                               prefix="sk", route_policy="auto", allowed_models=[], limits=KeyLimitsNano())
-    await group.submit(TopUpOp(account_id, Bucket.WALLET, 1000, "occ-" + secrets.token_hex(4)))
-    return account_id, key_id
 
 
 async def test_a_row_changed_after_the_read_undoes_the_write(pool: asyncpg.Pool) -> None:
     group = writer.WriterGroup(pool, POLICY, 1)
     group.start()
     try:
-        account_id, key_id = await _customer(pool, group)
+        account_id, key_id = await writer_customer(pool, group)
         op = HoldOp(account_id, "occ-r1", key_id, Bucket.WALLET, 100)
         async with pool.acquire() as conn:
             book = Book(now=dt.datetime.now(dt.UTC), policy=POLICY)
@@ -66,7 +46,7 @@ async def test_the_writer_retries_a_batch_that_lost_a_race(pool: asyncpg.Pool, m
     group = writer.WriterGroup(pool, POLICY, 1)
     group.start()
     try:
-        account_id, key_id = await _customer(pool, group)
+        account_id, key_id = await writer_customer(pool, group)
         real_load = store.load_book
         raced = []
 
@@ -119,7 +99,7 @@ async def test_batches_overlap_only_on_different_accounts(pool: asyncpg.Pool, mo
     group = writer.WriterGroup(pool, POLICY, 1)
     group.start()
     try:
-        customers = [await _customer(pool, group) for _ in range(6)]
+        customers = [await writer_customer(pool, group) for _ in range(6)]
         real_load = store.load_book
         running: list[set[str]] = []
         overlaps: list[set[str]] = []
@@ -143,7 +123,7 @@ async def test_batches_overlap_only_on_different_accounts(pool: asyncpg.Pool, mo
         assert all(r.amount_nano == 1 and not r.replayed for r in results)
         assert overlaps == []
         assert max(concurrent) == 2 and group.writers[0].stats.max_in_flight == 2
-        async with pool.acquire() as conn:  # the pool (3 connections) is still usable by others
+        async with pool.acquire() as conn:  # the pool is still usable by others
             problems, _ = await store.audit(conn)
             held = await conn.fetch("SELECT account_id, held_nano FROM buckets WHERE bucket = 'wallet'")
         assert problems == []
@@ -156,7 +136,7 @@ async def test_a_batch_holds_at_most_max_batch_bytes_of_receipts(pool: asyncpg.P
     group = writer.WriterGroup(pool, POLICY, 1)
     group.start()
     try:
-        account_id, key_id = await _customer(pool, group)
+        account_id, key_id = await writer_customer(pool, group)
         await asyncio.gather(*(group.submit(HoldOp(account_id, f"big-{i}", key_id, Bucket.WALLET, 10)) for i in range(12)))
         stats = group.writers[0].stats
         batches_before, stats.max_batch = stats.batches, 0  # count the settles' batches only
