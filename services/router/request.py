@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tokenforge import jsonfast
 from tokenforge.errors import TFError
 
 MAX_TOKENS_FIELD = 2**31 - 1
@@ -123,7 +124,7 @@ def parse_chat_request(raw: bytes, *, streaming_call: bool | None = None) -> Cha
             )
         include_usage = flag
 
-    messages_json = json.dumps(messages, separators=(",", ":")).encode()
+    messages_json = jsonfast.dumps(messages)
     quote_json = messages_json
     schemas = {k: body[k] for k in PROMPT_SCHEMA_FIELDS if body.get(k) is not None}
     if schemas:
