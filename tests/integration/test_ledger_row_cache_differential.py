@@ -15,7 +15,15 @@ import pytest
 
 from tokenforge.errors import TFError
 from tokenforge.ledger import store, writer
-from tokenforge.ledger.core import HoldOp, Policy, ReleaseOp, SettleOp, TopUpOp
+from tokenforge.ledger.core import (
+    CloseRunOp,
+    CreateRunOp,
+    HoldOp,
+    Policy,
+    ReleaseOp,
+    SettleOp,
+    TopUpOp,
+)
 from tokenforge.money import Bucket
 
 from .conftest import writer_customer
@@ -32,6 +40,7 @@ class _Side:
     account_id: str
     key_id: str
     answers: list[Any] = field(default_factory=list)
+    run_id: str = ""
 
 
 def _answer(outcome: Any) -> Any:
@@ -61,10 +70,13 @@ async def _state(pool: asyncpg.Pool, account_id: str) -> dict[str, Any]:
         receipts = await conn.fetch("SELECT split_part(request_id, ':', 2) AS r, status, bucket, amount_nano, "
                                     "uncollected_nano, held_nano, released_nano FROM receipts WHERE account_id = $1 "
                                     "ORDER BY 1", account_id)
+        runs = await conn.fetch("SELECT status, reserved_wallet_nano, spent_wallet_nano, spent_credit_nano "
+                                "FROM runs WHERE account_id = $1", account_id)
         transfers = await conn.fetch("SELECT kind, unit, src, dst, amount_nano, bucket, balance_after_nano "
                                      "FROM transfers WHERE account_id = $1 ORDER BY id", account_id)
     return {name: [tuple(r) for r in rows] for name, rows in (
-        ("buckets", buckets), ("key", [key]), ("holds", holds), ("receipts", receipts), ("transfers", transfers))}
+        ("buckets", buckets), ("key", [key]), ("holds", holds), ("receipts", receipts), ("runs", runs),
+        ("transfers", transfers))}
 
 
 async def test_the_same_operations_give_the_same_answers_and_rows_with_and_without_the_cache(
@@ -78,38 +90,47 @@ async def test_the_same_operations_give_the_same_answers_and_rows_with_and_witho
     try:
         sides = [_Side(cached, *await writer_customer(pool, cached, 2_000)),
                  _Side(plain, *await writer_customer(pool, plain, 2_000))]
+        for side in sides:  # an agent run with a wallet budget: its requests hold from it
+            created = await side.group.submit(CreateRunOp(side.account_id, side.key_id, "run", 900, 0, None, 600))
+            side.run_id = created.run_id
         rng = random.Random(20261204)
-        open_requests: dict[str, Bucket] = {}
-        done: list[tuple[str, Bucket, int]] = []
+        open_requests: dict[str, tuple[Bucket, bool]] = {}
+        done: list[tuple[str, Bucket, int, bool]] = []
+
+        def run_of(s: _Side, in_run: bool) -> str | None:
+            return s.run_id if in_run else None
+
         for step in range(STEPS):
             roll = rng.random()
             ops: list[Any] = []
             by: list[writer.WriterGroup | None] = [None, None]  # None: the side's own writer
-            if roll < 0.40 or not open_requests:
+            if step == STEPS // 2:  # the run closes: its reservation goes back, its holds settle later
+                ops = [lambda s: CloseRunOp(s.account_id, s.run_id, s.key_id)]
+            elif roll < 0.40 or not open_requests:
                 request, bucket = f"s{step}", rng.choice(BUCKETS)
-                amount = rng.randint(1, 400)
-                open_requests[request] = bucket
-                ops = [lambda s, r=request, b=bucket, a=amount: HoldOp(s.account_id, f"{s.account_id}:{r}",
-                                                                       s.key_id, b, a)]
+                amount, in_run = rng.randint(1, 400), rng.random() < 0.3
+                open_requests[request] = (bucket, in_run)
+                ops = [lambda s, r=request, b=bucket, a=amount, i=in_run: HoldOp(
+                    s.account_id, f"{s.account_id}:{r}", s.key_id, b, a, run_of(s, i))]
                 if rng.random() < 0.2:  # a fallback: the same request held in the other bucket too
                     other_bucket = Bucket.CREDIT if bucket is Bucket.WALLET else Bucket.WALLET
-                    ops.append(lambda s, r=request, b=other_bucket: HoldOp(s.account_id, f"{s.account_id}:{r}",
-                                                                           s.key_id, b, 50))
+                    ops.append(lambda s, r=request, b=other_bucket, i=in_run: HoldOp(
+                        s.account_id, f"{s.account_id}:{r}", s.key_id, b, 50, run_of(s, i)))
             elif roll < 0.75:
                 request = rng.choice(sorted(open_requests))
-                bucket = open_requests.pop(request)
+                bucket, in_run = open_requests.pop(request)
                 rated = rng.choice([0, rng.randint(1, 200), rng.randint(200, 900)])
-                done.append((request, bucket, rated))
-                ops = [lambda s, r=request, b=bucket, x=rated: SettleOp(s.account_id, f"{s.account_id}:{r}",
-                                                                        s.key_id, b, x, "settled", {"r": r})]
+                done.append((request, bucket, rated, in_run))
+                ops = [lambda s, r=request, b=bucket, x=rated, i=in_run: SettleOp(
+                    s.account_id, f"{s.account_id}:{r}", s.key_id, b, x, "settled", {"r": r}, run_of(s, i))]
             elif roll < 0.83:
                 request = rng.choice(sorted(open_requests))
-                bucket = open_requests.pop(request)
+                bucket, _ = open_requests.pop(request)
                 ops = [lambda s, r=request, b=bucket: ReleaseOp(s.account_id, f"{s.account_id}:{r}", b)]
             elif roll < 0.90 and done:
-                request, bucket, rated = rng.choice(done)  # a replay of a settlement
-                ops = [lambda s, r=request, b=bucket, x=rated: SettleOp(s.account_id, f"{s.account_id}:{r}",
-                                                                        s.key_id, b, x, "settled", {"r": r})]
+                request, bucket, rated, in_run = rng.choice(done)  # a replay of a settlement
+                ops = [lambda s, r=request, b=bucket, x=rated, i=in_run: SettleOp(
+                    s.account_id, f"{s.account_id}:{r}", s.key_id, b, x, "settled", {"r": r}, run_of(s, i))]
             else:  # money moved behind the writer's back
                 bucket, amount = rng.choice(BUCKETS), rng.randint(1, 700)
                 ops = [lambda s, b=bucket, a=amount, n=step: TopUpOp(s.account_id, b, a, f"{s.account_id}:t{n}")]
@@ -121,7 +142,10 @@ async def test_the_same_operations_give_the_same_answers_and_rows_with_and_witho
         a, b = sides
         assert a.answers == b.answers
         assert sum(1 for x in a.answers if x[0] == "error") > 5  # refusals were part of the run
-        assert await _state(pool, a.account_id) == await _state(pool, b.account_id)
+        state = await _state(pool, a.account_id)
+        assert state == await _state(pool, b.account_id)
+        (status, reserved, spent_wallet, _), = state["runs"]
+        assert status == "closed" and reserved == 0 and spent_wallet > 0  # the run's requests were charged
         stats = cached.writers[0].stats
         assert stats.from_cache > STEPS // 4 and stats.cache_stale > 0  # both ways were taken
         assert plain.writers[0].stats.from_cache == 0
