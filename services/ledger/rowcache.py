@@ -5,10 +5,13 @@ Why it is exact: the cache is only ever a guess. A batch taken from it marks eve
 used as changed, so the write's compare-and-set checks all of them against the database (the
 bucket, the key, the run, the request's holds: each UPDATE applies only if the row still holds
 the values the batch started from). A request it believes has no hold yet is checked in the
-same statement (`write_book(fresh_requests=...)`: no hold of that request may exist), and a
-settlement's receipt is guarded by its unique request id. If anything differs — another
-ledger process, a key revoked by an admin, a restart that emptied the cache — the statement
-fails as a whole, nothing is written, and the batch is read and applied the usual way.
+same statement (`write_book(fresh_requests=...)`: no hold of that request may exist), a
+request it believes it knows must have the holds it knows of and no other (`known_holds`:
+another process may have held it in the other bucket, with another key or from another run,
+changing no row the batch uses), and a settlement's receipt is guarded by its unique request
+id. If anything differs — another ledger process, a key revoked by an admin, a restart that
+emptied the cache — the statement fails as a whole, nothing is written, and the batch is read
+and applied the usual way.
 
 A batch goes this way only if every operation is a hold or a settlement whose rows are all
 here, and only if every operation succeeds as a first application: a refusal, a conflict or
@@ -62,6 +65,7 @@ class Planned:
     book: Book
     snap: Snapshot
     fresh_requests: list[str]
+    known_holds: list[tuple[str, str]]  # (request id, account id) of each hold taken from the cache
 
 
 def _copy_key(k: KeyRow) -> KeyRow:
@@ -99,6 +103,7 @@ class RowCache:
         """Fill `book` from the cache for `ops`, or None if any op needs a read."""
         snap = Snapshot({}, {}, {}, {}, {})
         fresh: list[str] = []
+        known: list[tuple[str, str]] = []
         for op in ops:
             if not isinstance(op, HoldOp | SettleOp):
                 return None
@@ -140,13 +145,14 @@ class RowCache:
                     if (h.request_id, h.bucket) not in book.holds:
                         book.holds[(h.request_id, h.bucket)] = _copy_hold(h)
                         snap.holds[(h.request_id, h.bucket)] = h.state
+                        known.append((h.request_id, h.account_id))
                         if h.key_id not in book.keys:  # the hold's own key, for _free_hold
                             other = acc.keys.get(h.key_id)
                             if other is None:
                                 return None
                             book.keys[h.key_id] = _copy_key(other)
                             snap.keys[h.key_id] = key_version(other)
-        return Planned(book, snap, fresh)
+        return Planned(book, snap, fresh, known)
 
     @staticmethod
     def mark_all_used(book: Book) -> None:

@@ -411,18 +411,25 @@ def _cols(rows: Iterable[Any], *getters: Any) -> list[list[Any]]:
     return out
 
 
-async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot, fresh_requests: Sequence[str] = ()) -> None:
+async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot, fresh_requests: Sequence[str] = (),
+                     known_holds: Sequence[tuple[str, str]] = ()) -> None:
     """Write what the batch changed in ONE statement, committed on its own (autocommit).
 
     Every updated row is updated only if it still holds the values the batch read (`snap`);
     rows the batch created are protected by unique keys (request id + bucket, receipt per
     request, the idempotency keys of top-ups, refunds and adjustments); no request of
-    `fresh_requests` may have a hold yet (a batch that did not read them believes so). Any
-    check failing raises, and the batch is re-read and re-applied by the writer.
+    `fresh_requests` may have a hold yet (a batch that did not read them believes so), and the
+    requests of `known_holds` ((request id, account id), one per hold the batch took from the
+    row cache) have no hold in that account besides those. Any check failing raises, and the
+    batch is re-read and re-applied by the writer.
     """
     w = _Writes()
     w.add("fresh_requests", "SELECT 1 FROM holds WHERE request_id = ANY({params})", ["text"], fresh_requests,
           lambda r: r, absent=True)
+    w.add("known_holds",
+          """SELECT 1 FROM holds WHERE (request_id, account_id) IN
+               (SELECT DISTINCT r, a FROM unnest({params}) AS u(r, a))""",
+          ["text", "text"], known_holds, lambda k: k[0], lambda k: k[1], expect=True)
     w.add(
         "new_runs",
         """INSERT INTO runs (id, key_id, account_id, name, status, budget_wallet_nano,

@@ -329,7 +329,7 @@ class Writer:
             return None
         RowCache.mark_all_used(book)
         try:
-            await store.write_book(conn, book, planned.snap, planned.fresh_requests)
+            await store.write_book(conn, book, planned.snap, planned.fresh_requests, planned.known_holds)
         except (asyncpg.SerializationError, asyncpg.UniqueViolationError):
             self._cache.forget({op.account_id for op in ops})
             self.stats.cache_stale += 1
