@@ -18,12 +18,12 @@ here, and only if every operation succeeds as a first application: a refusal, a 
 a replay is answered only after a fresh read, so no answer other than success rests on the
 cache.
 
-What is kept: the account's bucket rows, its keys and runs, and the holds of requests that
+What is kept: the account's bucket rows, its keys and open runs, and the holds of requests that
 still have only active holds, all of them (a request whose holds were read from the database,
 or whose first hold this writer made after checking there was none). A request leaves once
 any of its holds closes, so a settled request is always read (its replay needs the receipt).
-Bounded: the least recently used account goes first, and a request beyond the per-account
-bound is simply not kept.
+Bounded: the least recently used account goes first, and a request or an open run beyond
+the per-account bound is simply not kept (a run leaves when it closes).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from tokenforge.ledger.core import (
     HOLD_ACTIVE,
+    RUN_OPEN,
     Book,
     BucketRow,
     HoldOp,
@@ -48,6 +49,7 @@ from tokenforge.money import Bucket
 
 MAX_ACCOUNTS = 4096
 MAX_REQUESTS_PER_ACCOUNT = 1024
+MAX_RUNS_PER_ACCOUNT = 1024
 
 
 @dataclass
@@ -187,8 +189,14 @@ class RowCache:
             if (acc := self._accounts.get(key.account_id)) is not None:
                 acc.keys[key.id] = _copy_key(key)
         for run in book.runs.values():
-            if (acc := self._accounts.get(run.account_id)) is not None:
+            if (acc := self._accounts.get(run.account_id)) is None:
+                continue
+            # Open runs only, and a bounded number: an account that keeps creating runs stays
+            # warm and is never evicted. A closed run's late settlements read it.
+            if run.status == RUN_OPEN and (run.id in acc.runs or len(acc.runs) < MAX_RUNS_PER_ACCOUNT):
                 acc.runs[run.id] = _copy_run(run)
+            else:
+                acc.runs.pop(run.id, None)
         by_request: dict[str, list[HoldRow]] = {}
         for (request_id, _), hold in book.holds.items():
             by_request.setdefault(request_id, []).append(hold)

@@ -58,6 +58,7 @@ def test_a_settlement_is_planned_from_the_cache_only_with_all_of_its_rows() -> N
     book = Book(now=NOW, policy=POLICY)
     planned = cache.plan([settle], book)
     assert planned is not None and planned.fresh_requests == []
+    assert planned.known_holds == [("req_1", "acct_1")]  # the write checks the request has no other hold
     assert set(book.holds) == {("req_1", W)} and set(book.keys) == {"key_1"} and set(book.runs) == {"run_1"}
     assert planned.snap.buckets == {("acct_1", W): (100, 11)}
     # The book's rows are copies: applying to them leaves the cache as it was.
@@ -73,7 +74,7 @@ def test_a_new_request_is_planned_fresh_and_other_operations_need_a_read() -> No
     cache = rowcache.RowCache()
     _warm(cache, request=False)
     planned = cache.plan([HoldOp("acct_1", "req_2", "key_1", W, 1)], Book(now=NOW, policy=POLICY))
-    assert planned is not None and planned.fresh_requests == ["req_2"]
+    assert planned is not None and planned.fresh_requests == ["req_2"] and planned.known_holds == []
     assert cache.plan([HoldOp("acct_1", "req_2", "key_1", C, 1)], Book(now=NOW, policy=POLICY)) is None  # no credit row
     assert cache.plan([HoldOp("acct_1", "req_2", "key_9", W, 1)], Book(now=NOW, policy=POLICY)) is None  # unknown key
     assert cache.plan([TopUpOp("acct_1", W, 1, "t")], Book(now=NOW, policy=POLICY)) is None
@@ -91,3 +92,23 @@ def test_the_cache_is_bounded() -> None:
     hold = lambda n: [HoldOp(f"acct-{n}", "r", f"key-{n}", W, 1)]  # noqa: E731
     assert cache.plan(hold(0), Book(now=NOW, policy=POLICY)) is None  # the least recently used went first
     assert cache.plan(hold(4), Book(now=NOW, policy=POLICY)) is not None
+
+
+def test_runs_are_bounded_per_account_and_closed_ones_are_not_kept() -> None:
+    """A warm account that keeps creating runs is never evicted: its runs must not pile up."""
+    cache = rowcache.RowCache()
+    for n in range(rowcache.MAX_RUNS_PER_ACCOUNT + 50):
+        book = Book(now=NOW, policy=POLICY)
+        book.buckets[("acct_1", W)] = core.BucketRow("acct_1", W, 100, 0)
+        book.keys["key_1"] = _key()
+        book.runs[f"run_{n}"] = dataclasses.replace(_run(), id=f"run_{n}")
+        cache.remember([core.CreateRunOp("acct_1", "key_1", "r", 1, 0, None, 60)], book)
+    assert len(cache._accounts["acct_1"].runs) == rowcache.MAX_RUNS_PER_ACCOUNT  # noqa: SLF001
+    # A run that closes leaves: a settlement of its holds reads it (the run is not planned).
+    _warm(cache, request=True)
+    book = Book(now=NOW, policy=POLICY)
+    book.runs["run_1"] = dataclasses.replace(_run(), status=core.RUN_CLOSED)
+    cache.remember([core.CloseRunOp("acct_1", "run_1", None)], book)
+    assert "run_1" not in cache._accounts["acct_1"].runs  # noqa: SLF001
+    settle = SettleOp("acct_1", "req_1", "key_1", W, 5, "settled", {}, "run_1")
+    assert cache.plan([settle], Book(now=NOW, policy=POLICY)) is None
