@@ -349,3 +349,51 @@ async def test_two_cached_processes_racing_on_shared_requests_keep_every_cap_and
     finally:
         for g in (*groups, later):
             await g.stop()
+
+
+# ---- the writer's own failures and bounds -------------------------------------------------------
+
+
+async def test_a_cached_batch_that_committed_but_lost_its_answer_is_forgotten_and_replayed_exactly_once(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached batch's statement commits but the connection drops before the answer: the
+    writer must forget what it remembered and retry each operation alone from a read, which
+    finds them done (replays: the same hold, the same receipt), charging nothing twice."""
+    import asyncio
+
+    mine = writer.WriterGroup(pool, POLICY, 1)
+    mine.start()
+    try:
+        account_id, key_id = await writer_customer(pool, mine)
+        await _warm(mine, account_id, key_id, "lost")
+        first = await mine.submit(HoldOp(account_id, "lost-1", key_id, W, 100))
+        real = store.write_book
+        dropped: list[int] = []
+
+        async def commit_then_drop(conn, book, snap, fresh_requests=(), known_holds=()):  # type: ignore[no-untyped-def]
+            await real(conn, book, snap, fresh_requests, known_holds)
+            if (fresh_requests or known_holds) and not dropped:  # the cached batch
+                dropped.append(1)
+                raise ConnectionResetError("the connection dropped after the commit")
+
+        monkeypatch.setattr(writer.store, "write_book", commit_then_drop)
+        held, settled = await asyncio.gather(
+            mine.submit(HoldOp(account_id, "lost-2", key_id, W, 200)),
+            mine.submit(_settle(account_id, "lost-1", key_id, 60)),
+        )
+        monkeypatch.setattr(writer.store, "write_book", real)
+        assert dropped == [1] and mine.writers[0].stats.retried_alone == 2
+        async with pool.acquire() as conn:
+            hold_id = await conn.fetchval("SELECT id FROM holds WHERE request_id = 'lost-2'")
+            receipt = await conn.fetchrow("SELECT id, amount_nano FROM receipts WHERE request_id = 'lost-1'")
+        assert held.replayed and held.hold_id == hold_id and held.amount_nano == 200
+        assert settled.replayed and settled.receipt_id == receipt["id"] and receipt["amount_nano"] == 60 == settled.amount_nano
+        assert first.hold_id != hold_id
+        # Warm again from the reads; the money is right to the unit.
+        await mine.submit(_settle(account_id, "lost-2", key_id, 200))
+        assert await _bucket(pool, account_id) == (1000 - 1 - 60 - 200, 0)
+        await _audit_ok(pool)
+    finally:
+        await mine.stop()
+
