@@ -47,6 +47,9 @@ SERVER_OPTIONS = [
     *CHANNEL_OPTIONS,
     ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC turns SO_REUSEPORT on by default, so a second server on a taken port would bind
+    # and silently share it; off, it fails to start and says so.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -375,7 +378,10 @@ async def serve(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(bind)
+    try:
+        port = server.add_insecure_port(bind)
+    except RuntimeError as exc:  # grpcio raises where it used to return 0
+        raise SystemExit(f"{name}: cannot bind {bind}: {exc}") from None
     if port == 0:
         raise SystemExit(f"{name}: cannot bind {bind}")
     await server.start()

@@ -2,13 +2,17 @@
 
 PostgreSQL (embedded, unless TF_DATABASE_URL is set), then the simulator, ledger, metering,
 router and edge as child processes on loopback. Internal ports are picked free so two stacks
-run side by side; only the edge's port is fixed. Ctrl-C or SIGTERM stops every child, then
+run side by side; only the edge's port is fixed, and `up` refuses to start when it is taken.
+A child is ready when it is alive, itself listens on its port and answers there, so another
+program on the same port cannot pass for it. Ctrl-C or SIGTERM stops every child, then
 PostgreSQL, and leaves no process behind. Children also get SIGTERM if `up` itself dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import pathlib
@@ -20,7 +24,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import psutil
 
 from tokenforge import GRPC_EXPERIMENTS
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
@@ -31,6 +38,7 @@ START_ORDER = ("sim-upstream", "ledger", "metering", "router", "edge")
 STOP_WAVES = (("edge",), ("router",), ("metering", "ledger", "sim-upstream"))
 PR_SET_PDEATHSIG = 1
 LOCK_FILE = "up.lock"
+INTERNAL_PORTS = ("ledger", "metering", "router", "sim-upstream")
 
 
 @dataclass
@@ -44,6 +52,49 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _bind_loopback(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # As the edge (uvicorn) binds: a port left in TIME_WAIT by a stopped stack is free to
+    # use, one with a listener on it is not.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def reserve_ports(http_port: int) -> dict[str, int]:
+    """The edge's port, checked free, and a free port for each internal service, all held
+    at once while picking so that none repeats another or the edge's. Raises SystemExit
+    naming the port when the edge's is taken."""
+    if not 1 <= http_port <= 65535:
+        raise SystemExit(f"tokenforge up: --http-port must be from 1 to 65535, not {http_port}")
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(_bind_loopback(http_port))
+        except OSError as exc:
+            reason = (f"port {http_port} is already in use (another `tokenforge up`, or another program)"
+                      if exc.errno == errno.EADDRINUSE else f"cannot listen on port {http_port}: {exc.strerror}")
+            raise SystemExit(f"tokenforge up: {reason}; stop what holds it, or choose another "
+                             f"port with --http-port PORT") from None
+        ports = {"edge": http_port}
+        for name in INTERNAL_PORTS:
+            ports[name] = held.enter_context(_bind_loopback(0)).getsockname()[1]
+        return ports
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds a listening socket on `port`. No two of our
+    servers share a port (gRPC's SO_REUSEPORT is off), so an answer there then is its."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
 
 def _die_with_parent() -> None:
@@ -93,23 +144,23 @@ class Stack:
         self.data_dir = pathlib.Path(data_dir).resolve()
         self.http_port = http_port
         self.catalog_path = str(pathlib.Path(catalog).resolve()) if catalog else str(bundled_catalog_path())
+        self.ports = {"edge": http_port}  # the internal ones are picked in start()
         self.children: list[Child] = []
         self.pg = None
         self.stopping = threading.Event()
         self._lock_fd: int | None = None
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, ports: dict[str, int]) -> dict[str, str]:
         env = dict(os.environ)
-        sim_port = free_port()
         env.update(
-            TF_LEDGER_ADDR=f"127.0.0.1:{free_port()}",
-            TF_METERING_ADDR=f"127.0.0.1:{free_port()}",
-            TF_ROUTER_ADDR=f"127.0.0.1:{free_port()}",
+            TF_LEDGER_ADDR=f"127.0.0.1:{ports['ledger']}",
+            TF_METERING_ADDR=f"127.0.0.1:{ports['metering']}",
+            TF_ROUTER_ADDR=f"127.0.0.1:{ports['router']}",
             TF_SIM_HOST="127.0.0.1",
-            TF_SIM_PORT=str(sim_port),
-            TF_SIM_URL=f"http://127.0.0.1:{sim_port}",
+            TF_SIM_PORT=str(ports["sim-upstream"]),
+            TF_SIM_URL=f"http://127.0.0.1:{ports['sim-upstream']}",
             TF_EDGE_HOST="127.0.0.1",
-            TF_EDGE_PORT=str(self.http_port),
+            TF_EDGE_PORT=str(ports["edge"]),
             TF_CATALOG=self.catalog_path,
             PYTHONUNBUFFERED="1",
         )
@@ -141,8 +192,9 @@ class Stack:
     def start(self) -> dict[str, str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
+        self.ports = reserve_ports(self.http_port)  # before anything starts: a taken port stops us here
         (self.data_dir / "logs").mkdir(exist_ok=True)
-        env = self._env()
+        env = self._env(self.ports)
         try:
             load_catalog(self.catalog_path, env)
         except CatalogError as exc:
@@ -168,8 +220,8 @@ class Stack:
             self.children.append(Child(name, proc, log_path))
         return env
 
-    def wait_healthy(self, env: dict[str, str]) -> None:
-        checks = {
+    def wait_healthy(self, env: dict[str, str], timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        probes: dict[str, Callable[[], bool]] = {
             "sim-upstream": lambda: _http_healthy(f"{env['TF_SIM_URL']}/health"),
             "ledger": lambda: _grpc_healthy(env["TF_LEDGER_ADDR"]),
             "metering": lambda: _grpc_healthy(env["TF_METERING_ADDR"]),
@@ -177,19 +229,21 @@ class Stack:
             "edge": lambda: _http_healthy(f"http://127.0.0.1:{self.http_port}/health"),
         }
         pending = {c.name: c for c in self.children}
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while pending:
             for name, child in list(pending.items()):
                 code = child.proc.poll()
                 if code is not None:
                     tail = child.log_path.read_text(errors="replace")[-2000:]
                     raise SystemExit(f"tokenforge up: {name} exited with code {code} while starting:\n{tail}")
-                if checks[name]():
+                # Ours only if the child itself listens there: another stack's edge on a taken
+                # port answers /health too.
+                if listens_on(child.proc.pid, self.ports[name]) and probes[name]():
                     del pending[name]
             if self.stopping.is_set():
                 raise SystemExit("tokenforge up: stopped while starting")
             if time.monotonic() > deadline:
-                raise SystemExit(f"tokenforge up: not healthy within {HEALTH_TIMEOUT_S:.0f} s: {', '.join(pending)} (logs in {self.data_dir / 'logs'})")
+                raise SystemExit(f"tokenforge up: not healthy within {timeout_s:.0f} s: {', '.join(pending)} (logs in {self.data_dir / 'logs'})")
             if pending:
                 self.stopping.wait(0.05)
 

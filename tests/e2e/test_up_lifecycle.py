@@ -92,3 +92,66 @@ def test_a_second_up_on_the_same_data_dir_is_refused_and_harms_nothing(tmp_path)
     finally:
         assert first.stop() == 0
     assert not (data_dir / "up.lock").exists()
+
+
+def test_a_second_up_on_a_taken_http_port_is_refused_before_it_starts_anything(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import httpx
+
+    first = start_stack(tmp_path / "first")
+    port = int(first.url.rsplit(":", 1)[1])
+    other = tmp_path / "other"
+    try:
+        second = subprocess.run([sys.executable, "-m", "tokenforge.cli", "up", "--data-dir", str(other),
+                                 "--http-port", str(port)], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert "tokenforge is up" not in second.stdout
+        assert "admin token" not in second.stdout
+        assert f"port {port} is already in use" in second.stderr
+        assert "--http-port" in second.stderr
+        assert "tokenforge stopped" not in second.stdout  # it never started anything
+        assert not (other / "pg").exists()
+        assert not (other / "admin-token").exists()
+        assert httpx.get(first.url + "/health").status_code == 200
+    finally:
+        assert first.stop() == 0
+
+
+def test_readiness_is_not_fooled_by_another_program_answering_on_the_edge_port(tmp_path) -> None:
+    """Someone else's server answers /health on the port while our edge (here a live process
+    that never listens) has not bound it: `up` must not call that ready."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    import pytest
+
+    from tokenforge.stack import Child, Stack
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status":"ok"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    foreign = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    port = foreign.server_address[1]
+    silent = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        stack = Stack(catalog=None, data_dir=str(tmp_path), http_port=port)
+        stack.children.append(Child("edge", silent, tmp_path / "edge.log"))
+        with pytest.raises(SystemExit, match="not healthy within 1 s: edge"):
+            stack.wait_healthy({}, timeout_s=1.0)
+        assert silent.poll() is None  # refused while our edge was alive: the answer was not its
+    finally:
+        silent.kill()
+        silent.wait()
+        foreign.shutdown()
+        foreign.server_close()
