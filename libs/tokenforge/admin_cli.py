@@ -26,8 +26,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser, *, suppress: bool 
     parser.add_argument("--admin-token", default=default(None),
                         help="admin token (default $TF_ADMIN_TOKEN or DATA_DIR/admin-token)")
     parser.add_argument("--data-dir", default=default("./.tokenforge"), help="where `up` wrote admin-token")
-    parser.add_argument("--api-key", default=default(os.environ.get("TOKENFORGE_API_KEY")),
-                        help="an API key, for commands a key may run itself")
+    # None when not given, so that a flag given can win over an exported TOKENFORGE_API_KEY
+    # (`_api_key` reads the variable only then).
+    parser.add_argument("--api-key", default=default(None),
+                        help="an API key, for commands a key may run itself (default $TOKENFORGE_API_KEY)")
     parser.add_argument("--json", action="store_true", default=default(False), help="print raw JSON")
 
 
@@ -102,6 +104,10 @@ def _admin_token(ns: argparse.Namespace) -> str:
     raise SystemExit("no admin token: pass --admin-token, set TF_ADMIN_TOKEN, or run from the folder where `tokenforge up` ran")
 
 
+def _api_key(ns: argparse.Namespace) -> str | None:
+    return ns.api_key or os.environ.get("TOKENFORGE_API_KEY") or None
+
+
 def _seg(value: str) -> str:
     """An id as ONE path segment: quoted, so `/`, `..`, `?` or `#` in it can never steer a
     request to another endpoint (an "account id" of `../receipts/rcpt_x/refunds?` made
@@ -112,7 +118,7 @@ def _seg(value: str) -> str:
 
 
 def _request(ns: argparse.Namespace, method: str, path: str, body: Any = None, *, admin: bool = True) -> Any:
-    token = _admin_token(ns) if admin else ns.api_key
+    token = _admin_token(ns) if admin else _api_key(ns)
     if not token:
         raise SystemExit("this command needs --api-key (or TOKENFORGE_API_KEY)")
     try:
@@ -250,7 +256,12 @@ def receipt_text(r: dict[str, Any]) -> str:
 
 
 def show_receipt(ns: argparse.Namespace) -> int:
-    if ns.api_key:
+    """As the key (it sees its own receipts) or as the admin (any receipt). A flag given wins
+    over the environment: an admin who exported their own key reads any receipt with
+    --admin-token; with neither flag, an exported key is used before the admin token."""
+    if ns.api_key and ns.admin_token:
+        raise SystemExit("tokenforge receipt: pass --api-key or --admin-token, not both")
+    if ns.api_key or (not ns.admin_token and _api_key(ns)):
         data = _request(ns, "GET", f"/v1/receipts/{_seg(ns.id)}", admin=False)
     else:
         data = _request(ns, "GET", f"/admin/v1/receipts/{_seg(ns.id)}")
@@ -261,6 +272,10 @@ def show_receipt(ns: argparse.Namespace) -> int:
 def show_run_report(ns: argparse.Namespace) -> int:
     from tokenforge.report import report_text
 
+    if ns.admin_token and not ns.api_key:
+        # Not silently swapped for an exported key: say what reads a run.
+        raise SystemExit("tokenforge run report: a run is read with the API key that owns it; the admin "
+                         "token cannot read runs. Pass --api-key (default $TOKENFORGE_API_KEY).")
     data = _request(ns, "GET", f"/v1/runs/{_seg(ns.id)}", admin=False)
     _print(ns, data, report_text(data))
     return 0

@@ -56,3 +56,52 @@ def test_connection_options_work_after_the_subcommand_too(stack) -> None:
     assert out.returncode == 0, out.stderr
     assert re.search(r"acct_\w+", out.stdout)
     assert "HTTP Request" not in out.stderr  # no client chatter
+
+
+def _cli(*args: str, env_key: str, cwd) -> subprocess.CompletedProcess[str]:
+    """The CLI with someone's own key exported, as an admin with a key of their own has it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ADMIN_TOKEN", "TOKENFORGE_API_KEY")}
+    env["TOKENFORGE_API_KEY"] = env_key
+    return subprocess.run([sys.executable, "-m", "tokenforge.cli", *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=cwd)
+
+
+def test_a_flag_given_wins_over_an_exported_api_key(stack, tmp_path) -> None:
+    owner, admin_own = make_customer(stack), make_customer(stack)
+    with owner.client() as http:
+        run = http.post("/v1/runs", json={"name": "whose run"}).json()
+    _, headers = chat(owner, "gpt-4o-mini", extra_headers={"X-TF-Run-Id": run["id"]})
+    receipt_id = headers["x-tf-receipt-id"]
+
+    as_admin = _cli("receipt", receipt_id, "--url", stack.url, "--admin-token", stack.admin_token,
+                    env_key=admin_own.secret, cwd=tmp_path)
+    assert as_admin.returncode == 0, as_admin.stdout + as_admin.stderr
+    assert f"receipt {receipt_id}" in as_admin.stdout and owner.key_id in as_admin.stdout
+
+    as_owner = _cli("receipt", receipt_id, "--url", stack.url, "--api-key", owner.secret,
+                    env_key=admin_own.secret, cwd=tmp_path)
+    assert as_owner.returncode == 0, as_owner.stdout + as_owner.stderr
+    assert f"receipt {receipt_id}" in as_owner.stdout
+
+    # no flag: the exported key is used, and it does not own this receipt
+    as_env_key = _cli("receipt", receipt_id, "--url", stack.url, env_key=admin_own.secret, cwd=tmp_path)
+    assert as_env_key.returncode != 0
+    assert "not_found" in as_env_key.stderr
+
+    both = _cli("receipt", receipt_id, "--url", stack.url, "--admin-token", stack.admin_token,
+                "--api-key", owner.secret, env_key=admin_own.secret, cwd=tmp_path)
+    assert both.returncode != 0
+    assert "not both" in both.stderr
+
+    # a run is read with its own key; an admin token given is said to not do it, not
+    # silently swapped for the exported key
+    report = _cli("run", "report", run["id"], "--url", stack.url, "--admin-token", stack.admin_token,
+                  env_key=admin_own.secret, cwd=tmp_path)
+    assert report.returncode != 0
+    assert "--api-key" in report.stderr and "admin token" in report.stderr
+    report = _cli("run", "report", run["id"], "--url", stack.url, "--api-key", owner.secret,
+                  env_key=admin_own.secret, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert run["id"] in report.stdout
