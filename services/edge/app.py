@@ -258,7 +258,7 @@ class Edge:
         return Response(resp.body_json, media_type="application/json")
 
     async def run_report_html(self, request: Request) -> Response:
-        from tokenforge.report import report_html
+        from tokenforge.report_page import report_html
 
         auth = self._auth_md(request)
         run_id = request.path_params["run_id"]
