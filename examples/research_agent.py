@@ -65,9 +65,11 @@ async def _call(client: AsyncOpenAI, run_id: str, section: Section, prompt: str,
         bar.update(1)
 
 
-async def research(url: str, api_key: str, *, budget_wallet: str | None = None, out: Any = sys.stdout) -> dict[str, Any]:
+async def research(url: str, api_key: str, *, budget_wallet: str | None = None, out: Any = sys.stdout,
+                   show_secret: bool = False) -> dict[str, Any]:
     """Run the whole workflow; returns the run report. Raises SystemExit(2) when the balance
-    cannot cover the high estimate."""
+    cannot cover the high estimate. `show_secret`: the closing hint may print `api_key` (the
+    caller printed it already)."""
     headers = {"authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
         body: dict[str, Any] = {"name": f"research: {TOPIC}", "plan": plan()}
@@ -107,9 +109,24 @@ async def research(url: str, api_key: str, *, budget_wallet: str | None = None, 
     from tokenforge.report import report_text
 
     print(report_text(report), file=out)
-    print(f"\nreport page: {url}/v1/runs/{run['id']}/report.html (needs the run's key: "
-          "curl -H \"Authorization: Bearer $KEY\" URL > report.html, then open the file)", file=out)
+    print("\n" + report_page_hint(url, run["id"], report.get("key_id", ""), secret=api_key if show_secret else None),
+          file=out)
     return report
+
+
+def report_page_hint(url: str, run_id: str, key_id: str, *, secret: str | None) -> str:
+    """How to fetch the run's report page: with the key that ran the run, named in a variable
+    of its own (a `$KEY` the user exported may be another key, and gets 404). The secret is
+    shown only when the caller has shown it already (`tokenforge demo` prints its own key)."""
+    page = f"{url}/v1/runs/{run_id}/report.html"
+    value = secret if secret is not None else "'<the secret given to --api-key>'"
+    return "\n".join([
+        f"report page: {page}",
+        f"  it opens only with the key that ran the run ({key_id or 'the agent key'}), not any other:",
+        f"  export TF_RUN_KEY={value}",
+        f'  curl -fsS -H "Authorization: Bearer $TF_RUN_KEY" {page} -o report.html',
+        "  then open report.html",
+    ])
 
 
 def main() -> None:

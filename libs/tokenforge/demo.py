@@ -28,5 +28,5 @@ async def main(ns: argparse.Namespace) -> int:
     print(f"demo account {acct['id']} (wallet 5.00 CNY, credit 1.00 CREDIT), key {key['id']} (policy auto)")
     # A fresh demo key: printed so the run report (terminal and page) can be opened with it.
     print(f"demo key secret: {key['key']}")
-    await research(url, key["key"], budget_wallet="1.00")
+    await research(url, key["key"], budget_wallet="1.00", show_secret=True)
     return 0

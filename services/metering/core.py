@@ -357,11 +357,15 @@ def estimate_run(
         if pricier and step.calls:
             worst_mc, worst = max(pricier, key=lambda item: item[1])
             extra = step.calls * (worst - primary_amount)
+            budget = (budget_nano or {}).get(primary_bucket, 0)
+            # Only a budget in the bucket this step pays from caps what its fallbacks can cost.
+            cap = (f"; the run's {primary_bucket.value} budget of {_money(budget, primary_bucket)} caps "
+                   f"what the whole run can spend." if budget > 0 else ", or set a run budget to cap it.")
             warnings.append(Warning(
                 "fallback_may_cost_more",
                 f"{label}: if the primary channel `{primary.channel.id}` fails, falling back to "
                 f"`{worst_mc.channel.id}` costs up to {_money(extra, primary_bucket)} more for this "
-                f"step. Keep a margin of that much, or set a run budget to cap it.",
+                f"step. Keep a margin of that much{cap}",
             ))
         if crossing and step.calls:
             other = crossing[0].channel.bucket

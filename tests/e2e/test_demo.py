@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +30,22 @@ def test_demo_runs_to_completion_with_timeouts_retries_and_fallbacks(tmp_path) -
         assert calls == 11 and failed == 6 and attempts == calls + failed
         assert retries == 3 and fallbacks == 3
         assert "report page:" in text and "failed call" not in text
+
+        # The page hint names the key that owns the run (the demo's), and its two lines work as
+        # printed for a user who has another key exported as $KEY.
+        secret = re.search(r"demo key secret: (sk-tf-\S+)", text).group(1)
+        run_id = re.search(r"^run (run_\w+):", text, re.MULTILINE).group(1)
+        lines = [line.strip() for line in text.splitlines()]
+        export = next(line for line in lines if line.startswith("export TF_RUN_KEY="))
+        curl = next(line for line in lines if line.startswith("curl "))
+        assert export == f"export TF_RUN_KEY={secret}"
+        assert "$TF_RUN_KEY" in curl and "$KEY" not in text
+        other = make_customer(stack)
+        env = {k: v for k, v in os.environ.items() if k != "TF_RUN_KEY"} | {"KEY": other.secret}
+        got = subprocess.run(["bash", "-c", f"{export}\n{curl}"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert run_id in (tmp_path / "report.html").read_text()
 
         # A balance that cannot cover the high estimate: the agent prints why and never starts.
         poor = make_customer(stack, wallet="0.001000", credit=None, route_policy="routed")

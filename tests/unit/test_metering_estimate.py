@@ -186,3 +186,18 @@ def test_empty_plan_is_zero_and_quiet() -> None:
     est = core.estimate_run(BOOK, [], "auto", available_nano={W: 0, C: 0}, budget_nano={W: 5})
     assert est.buckets == {W: core.BucketEstimate(), C: core.BucketEstimate()}
     assert est.warnings == ()
+
+
+def test_fallback_warning_suggests_a_budget_only_when_the_run_has_none_in_that_bucket() -> None:
+    def fallback_message(budget_nano: dict[Bucket, int] | None) -> str:
+        est = core.estimate_run(BOOK, [step("mini", 10)], "routed", budget_nano=budget_nano)
+        (message,) = [w.message for w in est.warnings if w.code == "fallback_may_cost_more"]
+        return message
+
+    for no_wallet_budget in (None, {W: 0}, {C: 10**9}):  # a credit budget does not cap wallet spending
+        message = fallback_message(no_wallet_budget)
+        assert message.endswith("Keep a margin of that much, or set a run budget to cap it."), message
+    message = fallback_message({W: 10**9})
+    assert "set a run budget" not in message
+    assert message.endswith("Keep a margin of that much; the run's wallet budget of 1.000000 CNY "
+                            "caps what the whole run can spend."), message
