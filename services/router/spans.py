@@ -8,6 +8,7 @@ cannot disagree.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,15 +29,22 @@ def clean(text: str) -> str:
     return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
 
 
+@functools.lru_cache(maxsize=1024)
+def _server(base_url: str) -> tuple[str, int]:
+    """A channel's host and port, parsed once per base URL instead of once per attempt."""
+    url = urlsplit(base_url)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
 def attempt_attributes(el: Eligible, n: int, resend_count: int, key_id: str) -> dict[str, Any]:
     channel = el.channel.channel
-    url = urlsplit(channel.base_url)
+    address, port = _server(channel.base_url)
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "openai",
         "gen_ai.request.model": el.channel.upstream_model,
-        "server.address": url.hostname or "",
-        "server.port": url.port or (443 if url.scheme == "https" else 80),
+        "server.address": address,
+        "server.port": port,
         "tf.key_id": key_id,
         "tf.channel": channel.id,
         "tf.route": channel.route,
