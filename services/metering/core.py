@@ -395,11 +395,14 @@ def estimate_run(
                     f"{_money(shortfall, bucket)}, or shorten the plan.",
                 ))
             elif est.high_nano * 2 > available:
+                budget = (budget_nano or {}).get(bucket, 0)
+                advice = (f"top up, or lower the run's {bucket.value} budget of {_money(budget, bucket)}"
+                          if budget > 0 else "top up or set a budget")
                 warnings.append(Warning(
                     "large_share_of_balance",
                     f"{bucket.value}: the high estimate {_money(est.high_nano, bucket)} is more than "
                     f"half of the available {_money(available, bucket)}. Other work paid from the "
-                    f"{bucket.value} may be refused while this run is going; top up or set a budget.",
+                    f"{bucket.value} may be refused while this run is going; {advice}.",
                 ))
         budget = (budget_nano or {}).get(bucket, 0)
         if budget > 0 and budget < est.high_nano:

@@ -124,6 +124,22 @@ def test_insufficient_balance_when_high_exceeds_available() -> None:
     assert "large_share_of_balance" in codes(est)
 
 
+def test_large_share_of_balance_advice_depends_on_the_run_budget() -> None:
+    high = 10 * MINI_B
+    est = core.estimate_run(BOOK, [step("mini", 10)], "routed", available_nano={W: high, C: 0})
+    message = next(w.message for w in est.warnings if w.code == "large_share_of_balance")
+    assert message.endswith("; top up or set a budget.")
+    est = core.estimate_run(BOOK, [step("mini", 10)], "routed", available_nano={W: high, C: 0},
+                            budget_nano={W: high // 2, C: 0})
+    message = next(w.message for w in est.warnings if w.code == "large_share_of_balance")
+    assert message.endswith("; top up, or lower the run's wallet budget of 0.024000 CNY.")
+    # a budget in the other bucket is not this bucket's
+    est = core.estimate_run(BOOK, [step("mini", 10)], "routed", available_nano={W: high, C: 0},
+                            budget_nano={W: 0, C: high})
+    message = next(w.message for w in est.warnings if w.code == "large_share_of_balance")
+    assert message.endswith("; top up or set a budget.")
+
+
 def test_large_share_of_balance_boundary() -> None:
     high = 10 * MINI_B
     est = core.estimate_run(BOOK, [step("mini", 10)], "routed", available_nano={W: 2 * high - 1, C: 0})
