@@ -63,6 +63,10 @@ MAX_RUN_FIELD_CHARS = 200
 SETTLE_RETRY_S = 30.0
 SETTLE_FIRST_BACKOFF_S = 0.1  # doubling up to the cap
 SETTLE_BACKOFF_CAP_S = 2.0
+# Rating (and counting) the output an upstream gave keeps trying for this long while
+# metering is unavailable (restarting): pure calls, safe to repeat. Rating plus settling
+# stays inside the hold's margin (HOLD_MARGIN_S).
+RATE_RETRY_S = 15.0
 
 
 def check_run_fields(run_id: str, run_step: str) -> None:
@@ -358,10 +362,17 @@ class Router:
             attributes=attempt_spans.attempt_attributes(el, n, resend, t.key.id),
         )
 
+    async def _after_upstream(self, method: Any, request: Any, ctx: otel_context.Context) -> Any:
+        """A metering call made once an upstream has answered (Rate, CountTokens): that
+        output is billable, so a metering restart must not lose its receipt. These calls are
+        pure, so they are asked again while metering is unavailable."""
+        return await self._call_while_unavailable(
+            method, request, ctx, RATE_RETRY_S, "metering is unavailable after an upstream answered")
+
     async def _count_text(self, t: Ticket, text: str) -> int:
         if not text:
             return 0
-        resp = await self.backends.call(
+        resp = await self._after_upstream(
             self.backends.metering.CountTokens,
             metering_pb2.CountTokensRequest(model=t.req.model, text=text),
             t.ctx,
@@ -372,7 +383,7 @@ class Router:
         primary = t.eligible[0].channel.channel.id
         channel = el.channel.channel.id
         try:
-            resp = await self.backends.call(
+            resp = await self._after_upstream(
                 self.backends.metering.Rate,
                 metering_pb2.RateRequest(
                     model=t.req.model,
@@ -473,18 +484,25 @@ class Router:
         """Settle is idempotent by request id: while the ledger is unreachable (restarting,
         failing over) asking again can only return the first result, never charge twice. So
         the router keeps asking, with backoff, for up to SETTLE_RETRY_S: a ledger restart does
-        not lose a request that reached an upstream (its hold outlives that window). The first
-        try is a plain call (tenacity's bookkeeping costs ~0.1 ms a request); tenacity drives
-        the rest."""
+        not lose a request that reached an upstream (its hold outlives that window)."""
+        return await self._call_while_unavailable(
+            self.backends.ledger.Settle, request, ctx, SETTLE_RETRY_S,
+            "settling %s: the ledger is unavailable", request.request_id)
+
+    async def _call_while_unavailable(
+        self, method: Any, request: Any, ctx: otel_context.Context, retry_s: float, what: str, *args: Any
+    ) -> Any:
+        """A call that is safe to repeat, asked again with backoff while its service answers
+        `unavailable`, for up to `retry_s`. The first try is a plain call (tenacity's
+        bookkeeping costs ~0.1 ms a request); tenacity drives the rest."""
         try:
-            return await self.backends.call(self.backends.ledger.Settle, request, ctx)
+            return await self.backends.call(method, request, ctx)
         except TFError as err:
             if err.code != "unavailable":
                 raise
-            log.warning("settling %s: the ledger is unavailable; retrying for up to %g s",
-                        request.request_id, SETTLE_RETRY_S)
+            log.warning(what + "; retrying for up to %g s", *args, retry_s)
         retrying = AsyncRetrying(
-            stop=stop_after_delay(SETTLE_RETRY_S),
+            stop=stop_after_delay(retry_s),
             wait=wait_exponential(multiplier=SETTLE_FIRST_BACKOFF_S, max=SETTLE_BACKOFF_CAP_S),
             retry=retry_if_exception(lambda e: isinstance(e, TFError) and e.code == "unavailable"),
             reraise=True,
@@ -492,7 +510,7 @@ class Router:
         await asyncio.sleep(SETTLE_FIRST_BACKOFF_S)
         async for attempt in retrying:
             with attempt:
-                return await self.backends.call(self.backends.ledger.Settle, request, ctx)
+                return await self.backends.call(method, request, ctx)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     async def _settle_failure(self, t: Ticket, exc: BaseException) -> TFError:
@@ -632,35 +650,44 @@ class Router:
             settlement = await self._shielded(self._finish_stream(t, el, n, span, upstream, state, "settled"))
         yield router_pb2.ChatCompletionChunk(settlement=settlement)
 
+    async def _rate_stream(
+        self, t: Ticket, el: Eligible, n: int, state: StreamState, status: str
+    ) -> tuple[dict[str, int] | None, str, Done | None]:
+        """The usage of a stream that ended (as `status`), its source, and its rating."""
+        text = state.text()
+        source = "upstream"
+        try:
+            usage = usage_from_openai(state.usage_raw)
+        except AttemptFailed:
+            usage = None
+        if usage is None:
+            source = "estimated"
+            if status == "cancelled" and not text:
+                return None, source, None  # nothing generated: nothing charged (SPEC §7 rule 8)
+            usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
+                     "cached_input_tokens": 0, "reasoning_tokens": 0}
+        try:
+            rated = await self._rate(t, el, usage, source)
+        except AttemptFailed:
+            usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
+                     "cached_input_tokens": 0, "reasoning_tokens": 0}
+            source = "estimated"
+            rated = await self._rate(t, el, usage, source)
+        return usage, source, Done(el, n, rated)
+
     async def _finish_stream(
         self, t: Ticket, el: Eligible, n: int, span: Span, upstream: OpenStream, state: StreamState, status: str
     ) -> router_pb2.Settlement:
         try:
             await upstream.aclose()
-            text = state.text()
-            source = "upstream"
-            try:
-                usage = usage_from_openai(state.usage_raw)
-            except AttemptFailed:
-                usage = None
-            if usage is None:
-                source = "estimated"
-                if status == "cancelled" and not text:
-                    usage = None  # nothing generated: nothing charged (SPEC §7 rule 8)
-                else:
-                    usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
-                             "cached_input_tokens": 0, "reasoning_tokens": 0}
             outcome = {"settled": "success", "partial": "stream_error", "cancelled": "cancelled"}[status]
-            done = None
-            if usage is not None:
-                try:
-                    rated = await self._rate(t, el, usage, source)
-                except AttemptFailed:
-                    usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
-                             "cached_input_tokens": 0, "reasoning_tokens": 0}
-                    source = "estimated"
-                    rated = await self._rate(t, el, usage, source)
-                done = Done(el, n, rated)
+            try:
+                usage, source, done = await self._rate_stream(t, el, n, state, status)
+            except TFError as err:
+                # Metering stayed unavailable: the output cannot be priced, but the request
+                # reached an upstream, so it still gets its one receipt (uncharged).
+                log.warning("could not rate the stream of %s (%s); settling it uncharged", t.request_id, err.code)
+                usage, source, done = None, "estimated", None
             attempt_spans.record_success(
                 span, outcome=outcome, http_status=200, response_model=state.response_model,
                 usage=usage, usage_source=source,
