@@ -26,7 +26,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     @rpc_method
     async def ChatCompletion(self, request: router_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext) -> router_pb2.ChatCompletionResponse:
-        response, _ticket = await self.router.chat(context.invocation_metadata(), request)
+        with self.router.serving():
+            response, _ticket = await self.router.chat(context.invocation_metadata(), request)
         s = response.settlement
         context.set_trailing_metadata(((MD_RECEIPT, s.receipt_id), (MD_ATTEMPTS, str(s.attempts))))
         return response
@@ -38,8 +39,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         async def announce(receipt_id: str, trace_id: str) -> None:
             await context.send_initial_metadata(((MD_RECEIPT, receipt_id), ("tf-trace-id", trace_id)))
 
-        async for chunk in self.router.stream(context.invocation_metadata(), request, parent, announce):
-            yield chunk
+        with self.router.serving():
+            async for chunk in self.router.stream(context.invocation_metadata(), request, parent, announce):
+                yield chunk
 
     @rpc_method
     async def ListModels(self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:

@@ -5,10 +5,11 @@ the attempt spans. Knows nothing of SQL; money moves only through the ledger."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -123,6 +124,7 @@ class Router:
         self.request_deadline_s = request_deadline_s
         self.tracer = trace.get_tracer("tokenforge.router")
         self._background: set[asyncio.Task[Any]] = set()
+        self._requests: set[asyncio.Task[Any]] = set()  # the tasks serving a chat call now
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -701,6 +703,27 @@ class Router:
                 span.end()
             t.span.end()
 
-    async def aclose(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=10)
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a chat call's handler: `aclose` finds the requests still in flight."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self._requests.add(task)
+        try:
+            yield
+        finally:
+            self._requests.discard(task)
+
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """After the server stopped: requests still in flight (a handler waiting on an upstream
+        does not notice its call was cancelled until it next writes) are cancelled now, so each
+        starts its settlement, and every settlement gets up to `timeout_s` to finish. Without
+        this the process could exit before a cut stream's settlement began: no receipt."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for task in list(self._requests):
+            task.cancel()
+        while (pending := {*self._requests, *self._background}) and loop.time() < deadline:
+            await asyncio.wait(pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)

@@ -60,7 +60,7 @@ models:
       - {channel: cheap-a, upstream_model: "gpt-4o-mini", price: {input: "1.20", output: "4.80"}}
   - name: m-hang
     channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini+delay_ms=3000+chunk_delay_ms=200+tokens=30", price: {input: "1.20", output: "4.80"}}
+      - {channel: cheap-a, upstream_model: "gpt-4o-mini+delay_ms=1000+chunk_delay_ms=1500+tokens=8", price: {input: "1.20", output: "4.80"}}
 """
 
 
@@ -461,6 +461,39 @@ def test_router_kill_9_with_32_requests_in_flight(stack: Stack) -> None:
     # the dead router wrote nothing more: the receipts that exist are whole (check_money), and
     # each is for a request the simulator saw, with as many attempts as it got tries
     check_attempts_match_upstream(stack, receipts)
+
+
+def test_router_sigterm_mid_stream(stack: Stack) -> None:
+    """SIGTERM the router while streams are under way: streams that end within its grace
+    period finish and settle; longer ones are cut with an OpenAI-shaped error event and are
+    settled `cancelled`, charged for what was generated. Found: a cut stream whose handler
+    was waiting for its next upstream chunk started settling only after the router had
+    exited, so it got no receipt and its hold just expired."""
+    c = new_customer(stack)
+    STREAMING.reset()
+    running = load(c, 16, mix=[("m-slowstream", True), ("m-hang", True), ("m-slow", False)])
+    wait_until("streams under way", lambda: STREAMING.n >= 5, every_s=0.01)
+    stack.signal("router", signal.SIGTERM)
+    outcomes = running.result(timeout=40)
+    assert stack.procs["router"].proc.wait(20) == 0
+    old_router = stack.procs["router"]
+    stack.start("router")
+    sanity_after(stack, c)
+    receipts = check_money(stack, c)
+    by_id = {r["id"]: r for r in receipts}
+    for o in outcomes:
+        assert o.receipt_id in by_id, "\n".join(old_router.lines)
+        r = by_id[o.receipt_id]  # every request has its receipt, the cut ones too
+        if r["requested_model"] == "m-hang":  # longer than the router's 5 s grace: cut
+            assert o.kind == "stream_error", o
+            assert r["status"] == "cancelled" and r["usage_source"] == "estimated", r
+            generated = r["usage"]["output_tokens"]
+            assert 0 < generated < 8, r  # charged for what was generated before the cut
+            assert Decimal(r["amount"]) == price(r["usage"], "1.20", "4.80"), r
+        else:  # ended within the grace period: answered and settled in full
+            assert o.kind == "ok" and r["status"] == "settled", (o, r)
+            assert r["usage_source"] == "upstream" and Decimal(r["amount"]) == price(r["usage"], "1.20", "4.80"), r
+    assert len(check_upstream_receipts(stack, receipts)) == 16 + 1  # and the one after the restart
 
 
 def test_metering_kill_9_mid_load_still_settles_what_reached_an_upstream(stack: Stack) -> None:
