@@ -542,3 +542,89 @@ def test_metering_down_for_good_after_the_upstream_answered_still_leaves_one_rec
     assert c.topped == Decimal(account(stack, c.account_id)["buckets"]["wallet"]["balance"])
     stack.start("metering")
     sanity_after(stack, c)
+
+
+def _terminate_backends(database_url: str) -> int:
+    async def run() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return int(await conn.fetchval(
+                """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                    WHERE datname = current_database() AND pid <> pg_backend_pid()
+                      AND backend_type = 'client backend'"""))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_postgres_backends_terminated_mid_load(stack: Stack) -> None:
+    """Every ledger connection to PostgreSQL is terminated (a restart, a failover) while
+    32 requests are under way, twice: the ledger reconnects, each request that reached the
+    upstream is settled exactly once (no settlement lost or doubled), and the money adds up."""
+    c = new_customer(stack)
+    STREAMING.reset()
+    running = load(c, 32)
+    wait_until("streams under way", lambda: STREAMING.n >= 4, every_s=0.01)
+    assert _terminate_backends(stack.database_url) >= 1
+    wait_until("more streams under way", lambda: STREAMING.n >= 8, every_s=0.01)
+    _terminate_backends(stack.database_url)
+    outcomes = running.result(timeout=60)
+    receipts = check_money(stack, c)
+    by_request = check_upstream_receipts(stack, receipts)
+    by_id = {r["id"]: r for r in receipts}
+    for o in outcomes:
+        if o.kind == "ok":
+            r = by_id[o.receipt_id]
+            assert r["status"] == "settled" and Decimal(r["amount"]) > 0, r
+    assert len(by_request) == len(receipts)
+    sanity_after(stack, c)
+
+
+def test_ledger_frozen_under_load(stack: Stack) -> None:
+    """The ledger is stopped (SIGSTOP) for 3 s under load, then continued: requests wait or
+    fail with an OpenAI-shaped error, each request that reached the upstream is settled
+    exactly once, holds taken while it was frozen are released or captured, money adds up."""
+    c = new_customer(stack)
+    STREAMING.reset()
+    running = load(c, 32, mix=[*MIX, ("m-fast", False), ("m-fast", True)])
+    wait_until("streams under way", lambda: STREAMING.n >= 4, every_s=0.01)
+    stack.signal("ledger", signal.SIGSTOP)
+    try:
+        frozen_until = time.monotonic() + 3.0  # the fault's length, not a synchronisation
+        while time.monotonic() < frozen_until:
+            time.sleep(0.05)
+    finally:
+        stack.signal("ledger", signal.SIGCONT)
+    outcomes = running.result(timeout=60)
+    receipts = check_money(stack, c)
+    check_upstream_receipts(stack, receipts)
+    by_id = {r["id"]: r for r in receipts}
+    for o in outcomes:
+        if o.kind == "ok":
+            r = by_id[o.receipt_id]
+            assert r["status"] == "settled" and Decimal(r["amount"]) > 0, r
+    sanity_after(stack, c)
+
+
+def test_openai_client_timeouts_on_a_slow_upstream(stack: Stack) -> None:
+    """The official client gives up (its own timeout) on slow upstreams, 8 at once: a call
+    still waiting for output pays nothing; one cut after some output pays exactly for what
+    was generated. Each is a `cancelled` receipt whose hold was released or captured at once
+    (not left to expire), and the money adds up."""
+    c = new_customer(stack)
+    outcomes = load(c, 8, mix=[("m-hang", False), ("m-hang", True)], timeout=1.0).result(timeout=40)
+    assert all(o.kind in ("error", "stream_error") for o in outcomes), outcomes
+    for o in outcomes:
+        assert isinstance(o.detail, openai.APITimeoutError | openai.APIConnectionError), repr(o.detail)
+    receipts = wait_until("eight receipts", lambda: len(rs := all_receipts(stack, c.account_id)) == 8 and rs)
+    for r in receipts:
+        assert r["status"] == "cancelled", r
+        assert [h["state"] for h in r["holds"]] in (["released"], ["captured"]), r  # not expired
+        if r["usage"] is not None:  # a stream cut after some output: exactly that is charged
+            assert r["stream"] and r["usage_source"] == "estimated", r
+            assert Decimal(r["amount"]) == price(r["usage"], "1.20", "4.80"), r
+        else:  # nothing generated yet (the client's read timed out first): nothing charged
+            assert Decimal(r["amount"]) == 0, r
+    check_money(stack, c)
+    assert len(check_upstream_receipts(stack, receipts)) == 8
