@@ -628,3 +628,23 @@ def test_openai_client_timeouts_on_a_slow_upstream(stack: Stack) -> None:
             assert Decimal(r["amount"]) == 0, r
     check_money(stack, c)
     assert len(check_upstream_receipts(stack, receipts)) == 8
+
+
+def test_ledger_kill_9_mid_load_then_restarted(stack: Stack) -> None:
+    """kill -9 the ledger while 32 requests are under way and start it again on its port:
+    the router keeps asking to settle, so each request that reached the upstream has
+    exactly one receipt, none charged twice, nothing stays held, money adds up."""
+    c = new_customer(stack)
+    STREAMING.reset()
+    running = load(c, 32)
+    wait_until("streams under way", lambda: STREAMING.n >= 6, every_s=0.01)
+    stack.kill9("ledger")
+    stack.start("ledger")
+    outcomes = running.result(timeout=60)
+    receipts = check_money(stack, c)
+    check_upstream_receipts(stack, receipts)
+    by_id = {r["id"]: r for r in receipts}
+    for o in outcomes:
+        if o.kind == "ok":
+            assert by_id[o.receipt_id]["status"] == "settled"
+    sanity_after(stack, c)
