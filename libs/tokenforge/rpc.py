@@ -356,11 +356,13 @@ async def serve(
     bind: str,
     register: Callable[[grpc.aio.Server], Iterable[str]],
     on_stop: Callable[[], Any] | None = None,
+    on_stopping: Callable[[], None] | None = None,
     grace_s: float = 5.0,
 ) -> None:
     """Run one gRPC service until SIGTERM/SIGINT: health + reflection + the given servicers.
 
-    `register` adds the servicers and returns their full service names.
+    `register` adds the servicers and returns their full service names. `on_stopping` is
+    called when the signal arrives, before the grace period; `on_stop` after the server stopped.
     """
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -396,6 +398,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if on_stopping is not None:
+        on_stopping()
     for svc in ["", *service_names]:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     drain_streams()

@@ -96,7 +96,11 @@ async def _main(settings: Settings) -> None:
         await pool.aclose()
         await backends.aclose()
 
-    await serve(name="router", bind=settings.router_addr, register=register, on_stop=on_stop)
+    def on_stopping() -> None:
+        router.stopping = True  # streams cut from now on ended early: `partial`, not `cancelled`
+
+    await serve(name="router", bind=settings.router_addr, register=register, on_stop=on_stop,
+                on_stopping=on_stopping)
 
 
 def run(settings: Settings) -> int:

@@ -125,6 +125,7 @@ class Router:
         self.tracer = trace.get_tracer("tokenforge.router")
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[Any]] = set()  # the tasks serving a chat call now
+        self.stopping = False  # set when the process was told to stop (streams cut then are `partial`)
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -406,6 +407,10 @@ class Router:
 
     async def _attempt_unary(self, t: Ticket, el: Eligible, n: int, resend: int) -> Done:
         span = self._start_attempt_span(t, el, n, resend)
+        status: int | None = None
+        response_model: str | None = None
+        usage: dict[str, int] | None = None
+        source = "upstream"
         try:
             body = upstream_body(t.req, el.channel.upstream_model, t.max_output_per_choice)
             data, status = await post_json(
@@ -417,7 +422,6 @@ class Router:
             except AttemptFailed as failure:
                 failure.response_model = response_model
                 raise
-            source = "upstream"
             if usage is None:
                 output = await self._count_text(t, message_text(data.get("choices")))
                 usage = {"input_tokens": t.prompt_tokens, "output_tokens": output,
@@ -432,6 +436,12 @@ class Router:
             return Done(el, n, rated, data)
         except AttemptFailed as failure:
             attempt_spans.record_failure(span, failure)
+            raise
+        except TFError as err:  # the upstream answered; metering could not price it (unavailable)
+            attempt_spans.record_unpriced(
+                span, http_status=status, response_model=response_model, usage=usage, usage_source=source,
+                reason=f"the upstream's answer could not be priced: {err.message}",
+            )
             raise
         except BaseException:
             span.set_attribute("tf.outcome", "cancelled")
@@ -570,6 +580,21 @@ class Router:
             finally:
                 t.span.end()
             raise err from None
+        except TFError as err:
+            # A service the request needs did not answer (a fallback's hold, or metering after
+            # an upstream answered): the client gets that error, and the receipt is `failed`,
+            # nothing charged. (A caller that went away is `cancelled`, below.)
+            try:
+                settlement = await self._shielded(self._settle(t, "failed", None))
+            except TFError:
+                log.warning("settling failed request %s: the ledger did not answer; its holds expire",
+                            t.request_id)
+            else:
+                err.receipt_id = settlement.receipt_id
+                err.attempts = t.attempts
+            finally:
+                t.span.end()
+            raise
         except BaseException:
             self._in_background(self._finish_abandoned(t))
             raise
@@ -640,8 +665,14 @@ class Router:
         except AttemptFailed as exc:
             state.broken = exc.error
         except BaseException:
-            # The client went away (cancelled or closed at a yield): finish without it.
-            self._in_background(self._finish_stream(t, el, n, span, upstream, state, "cancelled"))
+            # The client went away (cancelled or closed at a yield), or the router is stopping
+            # and cut the stream: finish without the client. A cut stream that delivered
+            # output ended early (`partial`); one that delivered none is charged nothing.
+            status = "cancelled"
+            if self.stopping and state.text():
+                status = "partial"
+                state.broken = "the router shut down before the stream ended"
+            self._in_background(self._finish_stream(t, el, n, span, upstream, state, status))
             raise
         if state.broken is not None:
             error = TFError("upstream_error", f"The upstream stream broke after output began: {state.broken}")
@@ -721,6 +752,7 @@ class Router:
         does not notice its call was cancelled until it next writes) are cancelled now, so each
         starts its settlement, and every settlement gets up to `timeout_s` to finish. Without
         this the process could exit before a cut stream's settlement began: no receipt."""
+        self.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         for task in list(self._requests):

@@ -98,6 +98,25 @@ def record_success(
         span.set_status(Status(StatusCode.ERROR, outcome))
 
 
+def record_unpriced(
+    span: Span, *, http_status: int | None, response_model: str | None, usage: dict[str, int] | None,
+    usage_source: str, reason: str,
+) -> None:
+    """The upstream answered, but its answer could not be priced (a service the router needs
+    for that did not answer): the attempt succeeded upstream, nothing was charged for it."""
+    span.set_attribute("tf.outcome", "success")
+    span.set_attribute("tf.upstream_may_bill", True)
+    span.set_attribute("tf.charged", "0")
+    if http_status is not None:
+        span.set_attribute("http.response.status_code", http_status)
+    if response_model:
+        span.set_attribute("gen_ai.response.model", clean(response_model))
+    if usage is not None:
+        _set_usage(span, usage, usage_source)
+    span.set_attribute("tf.error", clean(reason))
+    span.set_status(Status(StatusCode.ERROR, "not priced"))
+
+
 def _set_usage(span: Span, usage: dict[str, int], source: str) -> None:
     span.set_attribute("gen_ai.usage.input_tokens", usage["input_tokens"])
     span.set_attribute("gen_ai.usage.output_tokens", usage["output_tokens"])

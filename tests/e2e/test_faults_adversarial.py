@@ -317,7 +317,11 @@ def check_receipt(r: dict[str, Any]) -> None:
     amount, uncollected = Decimal(r["amount"]), Decimal(r["uncollected"])
     assert amount + uncollected == charged, r
     if r["status"] == "failed":
-        assert amount == 0 and all(a["outcome"] != "success" for a in attempts), r
+        # an upstream that answered on a failed receipt is one whose answer could not be
+        # priced: it says so, and nothing was charged for it
+        assert amount == 0 and all(
+            a["charged"] == "0" and (a["error"] or "").startswith("the upstream's answer could not be priced")
+            for a in attempts if a["outcome"] == "success"), r
     if r["status"] == "settled":
         assert attempts and attempts[-1]["outcome"] == "success" and r["final_attempt"] == attempts[-1]["n"], r
     for h in r["holds"]:
@@ -466,7 +470,8 @@ def test_router_kill_9_with_32_requests_in_flight(stack: Stack) -> None:
 def test_router_sigterm_mid_stream(stack: Stack) -> None:
     """SIGTERM the router while streams are under way: streams that end within its grace
     period finish and settle; longer ones are cut with an OpenAI-shaped error event and are
-    settled `cancelled`, charged for what was generated. Found: a cut stream whose handler
+    settled `partial` (the stream ended early; the client did not go away), charged for what
+    was delivered, the attempt saying why. Found: a cut stream whose handler
     was waiting for its next upstream chunk started settling only after the router had
     exited, so it got no receipt and its hold just expired."""
     c = new_customer(stack)
@@ -486,9 +491,12 @@ def test_router_sigterm_mid_stream(stack: Stack) -> None:
         r = by_id[o.receipt_id]  # every request has its receipt, the cut ones too
         if r["requested_model"] == "m-hang":  # longer than the router's 5 s grace: cut
             assert o.kind == "stream_error", o
-            assert r["status"] == "cancelled" and r["usage_source"] == "estimated", r
+            assert r["status"] == "partial" and r["usage_source"] == "estimated", r
+            final = r["attempts"][-1]
+            assert final["outcome"] == "stream_error", final
+            assert final["error"] == "the router shut down before the stream ended", final
             generated = r["usage"]["output_tokens"]
-            assert 0 < generated < 8, r  # charged for what was generated before the cut
+            assert 0 < generated < 8, r  # charged for what was delivered before the cut
             assert Decimal(r["amount"]) == price(r["usage"], "1.20", "4.80"), r
         else:  # ended within the grace period: answered and settled in full
             assert o.kind == "ok" and r["status"] == "settled", (o, r)
@@ -523,7 +531,9 @@ def test_metering_kill_9_mid_load_still_settles_what_reached_an_upstream(stack: 
 def test_metering_down_for_good_after_the_upstream_answered_still_leaves_one_receipt(stack: Stack) -> None:
     """Metering is killed and stays down while streams are under way: once the router has
     stopped asking it (RATE_RETRY_S), each request that reached the upstream still gets its
-    one receipt, uncharged since its output could not be priced, and nothing stays held."""
+    one receipt, uncharged since its output could not be priced, and nothing stays held. The
+    unary clients got a 503 naming their receipt, which is `failed` (nothing charged) and
+    shows the upstream's answer that could not be priced."""
     c = new_customer(stack)
     STREAMING.reset()
     running = load(c, 4, mix=[("m-slowstream", True), ("m-slow", False)])
@@ -537,8 +547,16 @@ def test_metering_down_for_good_after_the_upstream_answered_still_leaves_one_rec
     receipts = check_money(stack, c)
     by_request = check_upstream_receipts(stack, receipts)
     assert len(by_request) == 4
-    assert sorted(r["status"] for r in receipts) == ["cancelled", "cancelled", "settled", "settled"]
+    assert sorted(r["status"] for r in receipts) == ["failed", "failed", "settled", "settled"]
     assert all(Decimal(r["amount"]) == 0 and r["usage"] is None for r in receipts)
+    by_id = {r["id"]: r for r in receipts}
+    for o in unary:
+        r = by_id[o.receipt_id]  # the 503 names the receipt (X-TF-Receipt-Id)
+        assert r["status"] == "failed", r
+        final = r["attempts"][-1]
+        assert final["outcome"] == "success" and final["http_status"] == 200 and final["charged"] == "0", final
+        assert final["upstream_may_bill"] is True, final
+        assert final["error"].startswith("the upstream's answer could not be priced"), final
     assert c.topped == Decimal(account(stack, c.account_id)["buckets"]["wallet"]["balance"])
     stack.start("metering")
     sanity_after(stack, c)
