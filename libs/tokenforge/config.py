@@ -48,6 +48,10 @@ class Settings:
     key_cache_ttl_s: float
     request_deadline_s: float
     db_pool_size: int
+    # How long past the request deadline the edge waits for the router's answer: the router
+    # itself ends every request by its deadline, then may keep rating (15 s) and settling
+    # (30 s) while metering or the ledger restarts. Only a router that is stuck passes it.
+    router_grace_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -69,4 +73,5 @@ class Settings:
             key_cache_ttl_s=_float(e, "TF_KEY_CACHE_TTL_S", 1.0),
             request_deadline_s=_float(e, "TF_REQUEST_DEADLINE_S", 120.0),
             db_pool_size=_int(e, "TF_DB_POOL_SIZE", 8),
+            router_grace_s=_float(e, "TF_EDGE_ROUTER_GRACE_S", 60.0),
         )

@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from tokenforge.edge import shapes
-from tokenforge.errors import MD_RECEIPT, TFError, from_rpc_error
+from tokenforge.errors import MD_CODE, MD_RECEIPT, TFError, from_rpc_error
 from tokenforge.rpc import client_channel
 from tokenforge.v1 import ledger_pb2, ledger_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -46,7 +46,12 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 class Edge:
-    def __init__(self, *, router_addr: str, ledger_addr: str, admin_token: str, max_body_bytes: int) -> None:
+    def __init__(
+        self, *, router_addr: str, ledger_addr: str, admin_token: str, max_body_bytes: int,
+        router_timeout_s: float | None = None,
+    ) -> None:
+        # The longest the edge waits for the router's answer to a completion (None: no bound).
+        self.router_timeout_s = router_timeout_s
         self._router_channel = client_channel(router_addr)
         self._ledger_channel = client_channel(ledger_addr)
         self.router = router_pb2_grpc.RouterServiceStub(self._router_channel)
@@ -122,6 +127,15 @@ class Edge:
             raise shapes.invalid(f"The `{name}` header may be at most {MAX_HEADER_VALUE_CHARS} characters.", name)
         return value
 
+    def _router_error(self, exc: grpc.aio.AioRpcError) -> TFError:
+        """The router's error; or, when the edge's own wait ran out (no error code from the
+        router), `unavailable` naming that wait, not an upstream timeout."""
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not any(
+                key == MD_CODE for key, _ in exc.trailing_metadata() or ()):
+            return TFError("unavailable", f"The router did not answer within {self.router_timeout_s:g} s; "
+                                          "its receipt (GET /v1/receipts) will say whether it was charged.")
+        return from_rpc_error(exc)
+
     # ---- OpenAI endpoints ------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
@@ -138,11 +152,11 @@ class Edge:
                 return await self._stream(request, message, auth, trace_id)
             carrier: dict[str, str] = {}
             inject(carrier)
-            call = self.router.ChatCompletion(message, metadata=(*carrier.items(), *auth))
+            call = self.router.ChatCompletion(message, metadata=(*carrier.items(), *auth), timeout=self.router_timeout_s)
             try:
                 resp = await _unless_client_leaves(request, call, call)
             except grpc.aio.AioRpcError as exc:
-                return error_response(from_rpc_error(exc))
+                return error_response(self._router_error(exc))
             except ClientGone:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             s = resp.settlement
@@ -159,12 +173,13 @@ class Edge:
                       auth: tuple[tuple[str, str], ...], trace_id: str) -> Response:
         carrier: dict[str, str] = {}
         inject(carrier)
-        call = self.router.StreamChatCompletion(message, metadata=(*carrier.items(), *auth))
+        call = self.router.StreamChatCompletion(
+            message, metadata=(*carrier.items(), *auth), timeout=self.router_timeout_s)
         iterator = call.__aiter__()
         try:
             first = await _unless_client_leaves(request, call, iterator.__anext__())
         except grpc.aio.AioRpcError as exc:
-            return error_response(from_rpc_error(exc))
+            return error_response(self._router_error(exc))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except StopAsyncIteration:
@@ -196,7 +211,7 @@ class Edge:
                     except StopAsyncIteration:
                         chunk = None
             except grpc.aio.AioRpcError as exc:
-                err = from_rpc_error(exc)
+                err = self._router_error(exc)
                 yield b"data: " + json.dumps(err.openai_body()).encode() + b"\n\n"
             finally:
                 # The client went away (or we are done): cancel the router call, which

@@ -24,6 +24,7 @@ def run(settings: Settings) -> int:
             ledger_addr=settings.ledger_addr,
             admin_token=settings.admin_token,
             max_body_bytes=settings.max_body_bytes,
+            router_timeout_s=settings.request_deadline_s + settings.router_grace_s,
         )
         config = uvicorn.Config(
             build_app(edge), host=settings.edge_host, port=settings.edge_port, loop="uvloop", http="httptools",

@@ -666,3 +666,30 @@ def test_ledger_kill_9_mid_load_then_restarted(stack: Stack) -> None:
         if o.kind == "ok":
             assert by_id[o.receipt_id]["status"] == "settled"
     sanity_after(stack, c)
+
+
+def test_a_frozen_router_does_not_hang_clients(stack: Stack) -> None:
+    """The router is stopped (SIGSTOP): the edge waits for it no longer than the request
+    deadline plus TF_EDGE_ROUTER_GRACE_S (here 1 + 1 s), then answers an OpenAI-shaped 503
+    naming that wait, streaming or not, instead of holding the client until the client's own
+    timeout. Once the router runs again, money adds up and requests are served."""
+    c = new_customer(stack)
+    stack.procs["edge"].stop()
+    stack.env["TF_REQUEST_DEADLINE_S"] = "1"
+    stack.env["TF_EDGE_ROUTER_GRACE_S"] = "1"
+    stack.start("edge")
+    assert _try_fast(c).status_code == 200
+    stack.signal("router", signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        outcomes = load(c, 2, mix=[("m-fast", False), ("m-fast", True)], timeout=60).result(timeout=30)
+        waited = time.monotonic() - started
+    finally:
+        stack.signal("router", signal.SIGCONT)
+    assert waited < 15, waited  # the edge's 2 s, not the client's 60 s
+    for o in outcomes:
+        assert o.kind == "error" and isinstance(o.detail, openai.APIStatusError), o
+        assert o.detail.status_code == 503, o.detail
+        assert "The router did not answer within 2 s" in o.detail.message, o.detail.message
+    check_money(stack, c)
+    sanity_after(stack, c)
