@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from tokenforge.terminal import printable_lines
+
 
 def add_connection_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
     """The options every command that talks to a stack takes. With `suppress`, a repeat on a
@@ -265,7 +267,8 @@ def show_receipt(ns: argparse.Namespace) -> int:
         data = _request(ns, "GET", f"/v1/receipts/{_seg(ns.id)}", admin=False)
     else:
         data = _request(ns, "GET", f"/admin/v1/receipts/{_seg(ns.id)}")
-    _print(ns, data, receipt_text(data))
+    # a receipt carries client and upstream text (step, key name, error messages): made printable
+    _print(ns, data, printable_lines(receipt_text(data)))
     return 0
 
 
