@@ -545,6 +545,8 @@ def check_attempts_are_spans(receiver: Receiver, receipts: list[dict[str, Any]])
         got = [(sp.span_id, sp.attributes["tf.attempt"], sp.attributes.get("tf.outcome"),
                 sp.attributes.get("http.response.status_code"), sp.attributes.get("tf.charged", "0")) for sp in spans]
         want = [(a["span_id"], a["n"], a["outcome"], a["http_status"], a["charged"]) for a in r["attempts"]]
+        if Decimal(r["uncollected"]):  # the receipt shows what was paid; the span what was rated
+            got, want = [g[:4] for g in got], [w[:4] for w in want]
         assert got == want, (r["id"], r["status"], got, want)
     with receiver.lock:
         traces = {tid for tid, spans in receiver.spans.items() if any("tf.attempt" in sp.attributes for sp in spans)}
