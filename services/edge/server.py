@@ -9,6 +9,7 @@ import uvicorn
 
 from tokenforge.config import Settings
 from tokenforge.edge.app import Edge, build_app
+from tokenforge.edge.httpproto import protocol_class
 from tokenforge.rpc import tune_gc
 from tokenforge.telemetry import setup_tracing
 
@@ -27,7 +28,9 @@ def run(settings: Settings) -> int:
             router_timeout_s=settings.request_deadline_s + settings.router_grace_s,
         )
         config = uvicorn.Config(
-            build_app(edge), host=settings.edge_host, port=settings.edge_port, loop="uvloop", http="httptools",
+            build_app(edge), host=settings.edge_host, port=settings.edge_port, loop="uvloop",
+            # httptools, plus OpenAI-shaped parse errors and a bound on reading headers
+            http=protocol_class(),
             log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off",
             # The edge trusts no forwarding headers (it uses no client address) and sends no
             # Server header: both are per-request work with nothing to show for it.

@@ -4,6 +4,7 @@ leave before the answer, and input that must be refused with a 400 that moves no
 from __future__ import annotations
 
 import json
+import socket
 import time
 from decimal import Decimal
 
@@ -206,3 +207,19 @@ def test_ids_with_control_characters_in_the_path_are_404_not_500(stack, customer
             assert resp.status_code == 404, (path, resp.status_code, resp.text)
             assert resp.json()["error"] == {**resp.json()["error"], "code": "not_found", "param": param}, resp.text
         assert admin.get("/admin/v1/audit").json()["ok"]
+
+
+def test_a_request_that_is_not_valid_http_gets_an_openai_shaped_400(stack) -> None:
+    """uvicorn's parser refuses a control character in a header before the app sees it; the
+    edge answers that with the same JSON error shape as every other error."""
+    host, port = stack.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\x01\r\n"
+                     b"Content-Length: 2\r\n\r\n{}")
+        data = b""
+        while chunk := conn.recv(65536):  # the edge closes the connection after the answer
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"content-type: application/json" in head.lower(), head
+    assert json.loads(body)["error"]["code"] == "invalid_request"
