@@ -514,6 +514,11 @@ def test_metering_kill_9_mid_load_still_settles_what_reached_an_upstream(stack: 
     STREAMING.reset()
     running = load(c, 16, mix=[("m-slowstream", True), ("m-slow", False)])
     wait_until("streams under way", lambda: STREAMING.n >= 6, every_s=0.01)
+    # every request at the upstream before the kill (the simulator counts a request when it
+    # arrives; its log lists it when answered): the unary ones are not counted by STREAMING
+    wait_until("all 16 requests at the upstream",
+               lambda: httpx.get(stack.env["TF_SIM_URL"] + "/sim/log", timeout=5).json()["requests_total"] >= 16,
+               every_s=0.01)
     stack.kill9("metering")
     stack.start("metering")
     outcomes = running.result(timeout=60)
