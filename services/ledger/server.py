@@ -685,6 +685,10 @@ async def reaper(pool: asyncpg.Pool, writers: Writers, interval_s: float, stop: 
                 log.info("reaper released %d expired holds/runs", n)
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             log.warning("reaper: %r", exc)
+        except Exception:  # noqa: BLE001 - the loop must outlive any one round
+            # Anything else (asyncpg's InternalClientError on a connection just ended, a bug):
+            # if it ended the loop, no hold would ever expire again. Log it whole, go on.
+            log.exception("reaper: unexpected error; trying again in %g s", interval_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
 
