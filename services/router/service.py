@@ -124,6 +124,9 @@ class Router:
         self.request_deadline_s = request_deadline_s
         self.tracer = trace.get_tracer("tokenforge.router")
         self._background: set[asyncio.Task[Any]] = set()
+        # Background work that may be dropped at shutdown: releasing a hold whose Hold got no
+        # answer (it expires on its own anyway). Settlements are never in here.
+        self._best_effort: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[Any]] = set()  # the tasks serving a chat call now
         self.stopping = False  # set when the process was told to stop (streams cut then are `partial`)
 
@@ -241,7 +244,9 @@ class Router:
                 # No answer is not a refusal: the ledger may still apply the hold after we gave
                 # up (it was slow, or frozen with our batch in its socket). Release it once it
                 # shows, instead of leaving the customer's money held until the hold expires.
-                self._in_background(self._release_unanswered_hold(t, channel.bucket))
+                task = asyncio.ensure_future(self._release_unanswered_hold(t, channel.bucket))
+                self._best_effort.add(task)
+                task.add_done_callback(self._best_effort.discard)
             raise
         t.pending_hold = None
         # Request ids are fresh per request, so a replay is our own hold answered twice: the
@@ -755,7 +760,7 @@ class Router:
         self.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        for task in list(self._requests):
+        for task in [*self._requests, *self._best_effort]:
             task.cancel()
         while (pending := {*self._requests, *self._background}) and loop.time() < deadline:
             await asyncio.wait(pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
