@@ -12,35 +12,22 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from tokenforge.money import BUCKET_UNIT, Bucket, MoneyError, format_nano, parse_amount_nano
+from tokenforge.report_figures import (
+    BUCKETS,
+    budget_rows,
+    estimate_per_bucket,
+    estimate_rows,
+    has_budget,
+)
+from tokenforge.report_figures import as_dict as _dict
+from tokenforge.report_figures import unit as _unit
 from tokenforge.terminal import WIDTH, Cell, pairs, printable, table
 
 MAX_LIST_ROWS = 1_000  # plan steps, warnings, by-step/model/route rows, slowest calls: each cut here
 MAX_RECEIPT_IDS = 1_000
-BUCKETS = tuple(b.value for b in Bucket)
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
-
-
-def _nano(text: Any) -> int | None:
-    """A report amount ("0.000125", "-0.000040") → nano-units; None when absent or malformed."""
-    if not isinstance(text, str) or not text:
-        return None
-    sign = -1 if text.startswith("-") else 1
-    try:
-        return sign * parse_amount_nano(text.removeprefix("-"))
-    except MoneyError:
-        return None
-
-
-def _unit(r: dict[str, Any], bucket: str) -> str:
-    return str(_dict(_dict(r.get("totals")).get(bucket)).get("unit") or BUCKET_UNIT[Bucket(bucket)])
 
 
 def _rows(items: list[Any], what: str, r: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
@@ -82,21 +69,8 @@ def _totals(r: dict[str, Any]) -> list[str]:
 
 
 def _budget(r: dict[str, Any]) -> list[str]:
-    budget, reserved, totals = _dict(r.get("budget")), _dict(r.get("reserved")), _dict(r.get("totals"))
-    rows: list[list[Cell]] = []
-    for bucket in BUCKETS:
-        limit = budget.get(bucket)
-        charged = _dict(totals.get(bucket)).get("amount", "0")
-        limit_nano, charged_nano = _nano(limit), _nano(charged)
-        left: str | None = None
-        used: str | None = None
-        if limit_nano and charged_nano is not None:
-            left = format_nano(limit_nano - charged_nano)
-            tenths = (charged_nano * 1000 + limit_nano // 2) // limit_nano  # a share, not money: rounding is fine
-            used = f"{tenths // 10}.{tenths % 10} %"
-        rows.append([bucket, _unit(r, bucket), limit if limit else "none", charged, left, used, reserved.get(bucket)])
-    note = ("" if any(budget.get(b) for b in BUCKETS) else
-            "No budget was set: this run's requests were held against the key's balances.")
+    rows = budget_rows(r)
+    note = "" if has_budget(r) else "No budget was set: this run's requests were held against the key's balances."
     return _section(
         "Budget", note,
         table(["bucket", "unit", "budget", "charged", "left", "used", "reserved now"], rows, frozenset(range(2, 7))),
@@ -106,24 +80,10 @@ def _budget(r: dict[str, Any]) -> list[str]:
 
 def _estimate(r: dict[str, Any]) -> list[str]:
     stored = _dict(r.get("estimate"))
-    # the ledger stores {"estimate", "warnings", "plan"}; a bare per-bucket estimate is read too
-    per_bucket = _dict(stored.get("estimate")) or {b: stored[b] for b in BUCKETS if b in stored}
+    per_bucket = estimate_per_bucket(r)
     if not per_bucket:
         return _section("Estimate against actual", "No estimate was made when this run started.")
-    totals = _dict(r.get("totals"))
-    rows: list[list[Cell]] = []
-    for bucket in BUCKETS:
-        e = _dict(per_bucket.get(bucket))
-        actual = _dict(totals.get(bucket)).get("amount", "0")
-        low_nano, expected_nano, high_nano = (_nano(e.get(k)) for k in ("low", "expected", "high"))
-        actual_nano = _nano(actual)
-        diff = None
-        if actual_nano is not None and expected_nano is not None:
-            diff = ("+" if actual_nano > expected_nano else "") + format_nano(actual_nano - expected_nano)
-        where = None
-        if actual_nano is not None and low_nano is not None and high_nano is not None:
-            where = "below low" if actual_nano < low_nano else "above high" if actual_nano > high_nano else "within"
-        rows.append([bucket, _unit(r, bucket), e.get("low"), e.get("expected"), e.get("high"), actual, diff, where])
+    rows = estimate_rows(r, per_bucket)
     out = _section("Estimate against actual",
                    table(["bucket", "unit", "low", "expected", "high", "actual", "actual − expected", "range"],
                          rows, frozenset(range(2, 7))))

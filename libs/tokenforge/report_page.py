@@ -15,42 +15,29 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from tokenforge.money import BUCKET_UNIT, Bucket, MoneyError, format_nano, parse_amount_nano
+from tokenforge.report_figures import (
+    BUCKETS,
+    Cell,
+    budget_rows,
+    estimate_per_bucket,
+    estimate_rows,
+    has_budget,
+)
+from tokenforge.report_figures import as_dict as _dict
+from tokenforge.report_figures import unit as _unit
 
 MAX_WATERFALL_ROWS = 500
 MAX_RECEIPT_ROWS = 1_000  # the edge reads at most 10 pages of 100 receipts for one page
 MAX_LIST_ROWS = 1_000  # plan steps, warnings and report rows: each list is cut here
-BUCKETS = tuple(b.value for b in Bucket)
 NONE = "–"
-
-Cell = str | int | None
 
 
 def _e(value: Cell) -> str:
     return NONE if value is None else html.escape(str(value))
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _list(value: Any) -> list[Any]:
     return value[:MAX_LIST_ROWS] if isinstance(value, list) else []
-
-
-def _nano(text: Any) -> int | None:
-    """A report amount ("0.000125", "-0.000040") → nano-units; None when absent or malformed."""
-    if not isinstance(text, str) or not text:
-        return None
-    sign = -1 if text.startswith("-") else 1
-    try:
-        return sign * parse_amount_nano(text.removeprefix("-"))
-    except MoneyError:
-        return None
-
-
-def _signed(amount_nano: int) -> str:
-    return ("+" if amount_nano > 0 else "") + format_nano(amount_nano)
 
 
 def _table(table_id: str, headers: Sequence[str] | None, rows: Sequence[Sequence[Cell]], numeric: set[int]) -> str:
@@ -61,10 +48,6 @@ def _table(table_id: str, headers: Sequence[str] | None, rows: Sequence[Sequence
                          for i, c in enumerate(row)) + "</tr>"
         for row in rows)
     return f"<table id={table_id}>{head}{body}</table>"
-
-
-def _unit(r: dict[str, Any], bucket: str) -> str:
-    return str(_dict(_dict(r.get("totals")).get(bucket)).get("unit") or BUCKET_UNIT[Bucket(bucket)])
 
 
 # ---------------------------------------------------------------- sections
@@ -94,20 +77,8 @@ def _cards(r: dict[str, Any]) -> str:
 
 
 def _budget(r: dict[str, Any]) -> str:
-    budget, reserved, totals = _dict(r.get("budget")), _dict(r.get("reserved")), _dict(r.get("totals"))
-    rows: list[list[Cell]] = []
-    for bucket in BUCKETS:
-        limit = budget.get(bucket)
-        charged = _dict(totals.get(bucket)).get("amount", "0")
-        limit_nano, charged_nano = _nano(limit), _nano(charged)
-        left: str | None = None
-        used: str | None = None
-        if limit_nano and charged_nano is not None:
-            left = format_nano(limit_nano - charged_nano)
-            tenths = (charged_nano * 1000 + limit_nano // 2) // limit_nano  # a share, not money: rounding is fine
-            used = f"{tenths // 10}.{tenths % 10} %"
-        rows.append([bucket, _unit(r, bucket), limit if limit else "none", charged, left, used, reserved.get(bucket)])
-    note = ("" if any(budget.get(b) for b in BUCKETS) else
+    rows = budget_rows(r)
+    note = ("" if has_budget(r) else
             "<p class=muted>No budget was set: this run's requests were held against the key's balances.</p>")
     return ("<h2>Budget</h2>" + note
             + _table("budget", ["bucket", "unit", "budget", "charged", "left", "used", "reserved now"], rows, {2, 3, 4, 5, 6})
@@ -117,22 +88,10 @@ def _budget(r: dict[str, Any]) -> str:
 
 def _estimate(r: dict[str, Any]) -> str:
     stored = _dict(r.get("estimate"))
-    # the ledger stores {"estimate", "warnings", "plan"}; a bare per-bucket estimate is read too
-    per_bucket = _dict(stored.get("estimate")) or {b: stored[b] for b in BUCKETS if b in stored}
+    per_bucket = estimate_per_bucket(r)
     if not per_bucket:
         return "<h2>Estimate against actual</h2><p class=muted>No estimate was made when this run started.</p>"
-    totals = _dict(r.get("totals"))
-    rows: list[list[Cell]] = []
-    for bucket in BUCKETS:
-        e = _dict(per_bucket.get(bucket))
-        actual = _dict(totals.get(bucket)).get("amount", "0")
-        low_nano, expected_nano, high_nano = (_nano(e.get(k)) for k in ("low", "expected", "high"))
-        actual_nano = _nano(actual)
-        diff = _signed(actual_nano - expected_nano) if actual_nano is not None and expected_nano is not None else None
-        where = None
-        if actual_nano is not None and low_nano is not None and high_nano is not None:
-            where = "below low" if actual_nano < low_nano else "above high" if actual_nano > high_nano else "within"
-        rows.append([bucket, _unit(r, bucket), e.get("low"), e.get("expected"), e.get("high"), actual, diff, where])
+    rows = estimate_rows(r, per_bucket)
     out = ["<h2>Estimate against actual</h2>",
            _table("estimate", ["bucket", "unit", "low", "expected", "high", "actual", "actual − expected", "range"],
                   rows, {2, 3, 4, 5, 6})]

@@ -83,6 +83,18 @@ def record_success(
     charged: str,
     error: str | None = None,
 ) -> None:
+    _record_answer(span, outcome, http_status, response_model, usage, usage_source, charged)
+    if error:
+        span.set_attribute("tf.error", clean(error))
+        span.set_attribute("error.type", outcome)
+        span.set_status(Status(StatusCode.ERROR, outcome))
+
+
+def _record_answer(
+    span: Span, outcome: str, http_status: int | None, response_model: str | None,
+    usage: dict[str, int] | None, usage_source: str, charged: str,
+) -> None:
+    """What an upstream answered: the outcome, status, model, usage and what it was charged."""
     span.set_attribute("tf.outcome", outcome)
     span.set_attribute("tf.upstream_may_bill", outcome in MAY_BILL_OUTCOMES)
     span.set_attribute("tf.charged", charged)
@@ -92,10 +104,6 @@ def record_success(
         span.set_attribute("gen_ai.response.model", clean(response_model))
     if usage is not None:
         _set_usage(span, usage, usage_source)
-    if error:
-        span.set_attribute("tf.error", clean(error))
-        span.set_attribute("error.type", outcome)
-        span.set_status(Status(StatusCode.ERROR, outcome))
 
 
 def record_unpriced(
@@ -104,15 +112,7 @@ def record_unpriced(
 ) -> None:
     """The upstream answered, but its answer could not be priced (a service the router needs
     for that did not answer): the attempt succeeded upstream, nothing was charged for it."""
-    span.set_attribute("tf.outcome", "success")
-    span.set_attribute("tf.upstream_may_bill", True)
-    span.set_attribute("tf.charged", "0")
-    if http_status is not None:
-        span.set_attribute("http.response.status_code", http_status)
-    if response_model:
-        span.set_attribute("gen_ai.response.model", clean(response_model))
-    if usage is not None:
-        _set_usage(span, usage, usage_source)
+    _record_answer(span, "success", http_status, response_model, usage, usage_source, "0")
     span.set_attribute("tf.error", clean(reason))
     span.set_status(Status(StatusCode.ERROR, "not priced"))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import pathlib
 import secrets
@@ -44,6 +45,7 @@ CATALOG = """\
 channels:
   - {id: cheap-a, route: routed, base_url: "${TF_SIM_URL}/v1", api_key_env: CHEAP_A_KEY, timeout_s: 10, retries: 0}
   - {id: cheap-b, route: routed, base_url: "${TF_SIM_URL}/v1", api_key_env: CHEAP_B_KEY, timeout_s: 10, retries: 0}
+  - {id: cheap-r, route: routed, base_url: "${TF_SIM_URL}/v1", api_key_env: CHEAP_A_KEY, timeout_s: 10, retries: 1}
 models:
   - name: m-slow
     channels:
@@ -55,6 +57,12 @@ models:
     channels:
       - {channel: cheap-a, upstream_model: "gpt-4o-mini+fail=500", price: {input: "1.20", output: "4.80"}}
       - {channel: cheap-b, upstream_model: "gpt-4o-mini+delay_ms=500+chunk_delay_ms=40+tokens=16", price: {input: "1.60", output: "6.40"}}
+  - name: m-retry
+    channels:
+      - {channel: cheap-r, upstream_model: "gpt-4o-mini+fail=503x1+delay_ms=300+chunk_delay_ms=30+tokens=12", price: {input: "1.20", output: "4.80"}}
+  - name: m-break
+    channels:
+      - {channel: cheap-a, upstream_model: "gpt-4o-mini+chunk_delay_ms=40+tokens=24+break_after=5", price: {input: "1.20", output: "4.80"}}
   - name: m-fast
     channels:
       - {channel: cheap-a, upstream_model: "gpt-4o-mini", price: {input: "1.20", output: "4.80"}}
@@ -151,18 +159,21 @@ def _start_edge(env: dict[str, str]) -> ServiceProc:
         time.sleep(0.05)  # polling its health, bounded by the deadline
 
 
-@pytest.fixture
-def stack(pg: Any, tmp_path: pathlib.Path) -> Iterator[Stack]:
-    name = "tf_faults_" + secrets.token_hex(4)
-
+def _create_database(url: str, name: str) -> None:
     async def create() -> None:
-        conn = await asyncpg.connect(pg.url)
+        conn = await asyncpg.connect(url)
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
 
     asyncio.run(create())
+
+
+def build_stack(pg: Any, tmp_path: pathlib.Path, extra_env: dict[str, str] | None = None) -> Stack:
+    """A stack of separate processes on a fresh database (not started: see `running`)."""
+    name = "tf_faults_" + secrets.token_hex(4)
+    _create_database(pg.url, name)
     database_url = _with_database(pg.url, name)
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(CATALOG)
@@ -183,16 +194,28 @@ def stack(pg: Any, tmp_path: pathlib.Path) -> Iterator[Stack]:
         "TF_REQUEST_DEADLINE_S": "20",
         "TF_KEY_CACHE_TTL_S": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
-    s = Stack(env, database_url, f"http://127.0.0.1:{edge_port}")
+    return Stack(env, database_url, f"http://127.0.0.1:{edge_port}")
+
+
+@contextlib.contextmanager
+def running(s: Stack) -> Iterator[Stack]:
+    """The simulator, then the services in dependency order; all stopped afterwards."""
     try:
         sim = s.start("sim")
-        env["TF_SIM_URL"] = sim.address
+        s.env["TF_SIM_URL"] = sim.address
         for svc in ("ledger", "metering", "router", "edge"):
             s.start(svc)
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture
+def stack(pg: Any, tmp_path: pathlib.Path) -> Iterator[Stack]:
+    with running(build_stack(pg, tmp_path)) as s:
+        yield s
 
 
 # ---- customers and checks ----------------------------------------------------------------------

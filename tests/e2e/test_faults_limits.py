@@ -8,10 +8,8 @@ bounded; money is asserted to the nano.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import pathlib
-import secrets
 import signal
 import threading
 import time
@@ -20,68 +18,33 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import openai
 import pytest
 
 from tests.e2e.test_faults_adversarial import (
-    ADMIN_TOKEN,
-    HOLD_TTL_S,
+    MIX,
     STREAMING,
     Cust,
     Stack,
     _terminate_backends,
-    _with_database,
     all_receipts,
     audit_ok,
+    build_stack,
     check_attempts_match_upstream,
     check_money,
     check_upstream_receipts,
     load,
     new_customer,
     openai_error_shape,
+    running,
     sanity_after,
     wait_until,
 )
 from tests.otlp_receiver import Receiver
-from tokenforge.stack import free_port
 
 REFUSALS = {"key_budget_exceeded", "run_budget_exceeded", "insufficient_balance"}
 
-CATALOG = """\
-channels:
-  - {id: cheap-a, route: routed, base_url: "${TF_SIM_URL}/v1", api_key_env: CHEAP_A_KEY, timeout_s: 10, retries: 0}
-  - {id: cheap-b, route: routed, base_url: "${TF_SIM_URL}/v1", api_key_env: CHEAP_B_KEY, timeout_s: 10, retries: 0}
-  - {id: cheap-r, route: routed, base_url: "${TF_SIM_URL}/v1", api_key_env: CHEAP_A_KEY, timeout_s: 10, retries: 1}
-models:
-  - name: m-slow
-    channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini+delay_ms=700", price: {input: "1.20", output: "4.80"}}
-  - name: m-slowstream
-    channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini+chunk_delay_ms=60+tokens=24", price: {input: "1.20", output: "4.80"}}
-  - name: m-fallback
-    channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini+fail=500", price: {input: "1.20", output: "4.80"}}
-      - {channel: cheap-b, upstream_model: "gpt-4o-mini+delay_ms=500+chunk_delay_ms=40+tokens=16", price: {input: "1.60", output: "6.40"}}
-  - name: m-retry
-    channels:
-      - {channel: cheap-r, upstream_model: "gpt-4o-mini+fail=503x1+delay_ms=300+chunk_delay_ms=30+tokens=12", price: {input: "1.20", output: "4.80"}}
-  - name: m-break
-    channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini+chunk_delay_ms=40+tokens=24+break_after=5", price: {input: "1.20", output: "4.80"}}
-  - name: m-fast
-    channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini", price: {input: "1.20", output: "4.80"}}
-  - name: m-hang
-    channels:
-      - {channel: cheap-a, upstream_model: "gpt-4o-mini+delay_ms=1000+chunk_delay_ms=1500+tokens=8", price: {input: "1.20", output: "4.80"}}
-"""
-
-MIX = [("m-slow", False), ("m-slowstream", True), ("m-fallback", False), ("m-fallback", True)]
-
-
-# ---- the stack: the same as test_faults_adversarial's, with this catalog and extra env ---------
+# ---- the stack: test_faults_adversarial's (its catalog, build_stack and running) -----------------
 
 
 @pytest.fixture(scope="module")
@@ -95,56 +58,10 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
-def _create_database(url: str, name: str) -> None:
-    async def create() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-
-
-def build_stack(pg: Any, tmp_path: pathlib.Path, extra_env: dict[str, str] | None = None) -> Stack:
-    name = "tf_limits_" + secrets.token_hex(4)
-    _create_database(pg.url, name)
-    database_url = _with_database(pg.url, name)
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(CATALOG)
-    edge_port = free_port()
-    env = {
-        "TF_CATALOG": str(catalog),
-        "CHEAP_A_KEY": "sk-sim-a",
-        "CHEAP_B_KEY": "sk-sim-b",
-        "TF_DATABASE_URL": database_url,
-        "TF_LEDGER_ADDR": f"127.0.0.1:{free_port()}",
-        "TF_METERING_ADDR": f"127.0.0.1:{free_port()}",
-        "TF_ROUTER_ADDR": f"127.0.0.1:{free_port()}",
-        "TF_EDGE_HOST": "127.0.0.1",
-        "TF_EDGE_PORT": str(edge_port),
-        "TF_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TF_HOLD_TTL_MAX_S": str(HOLD_TTL_S),
-        "TF_LEDGER_REAP_INTERVAL_S": "0.2",
-        "TF_REQUEST_DEADLINE_S": "20",
-        "TF_KEY_CACHE_TTL_S": "1",
-        "PYTHONUNBUFFERED": "1",
-        **(extra_env or {}),
-    }
-    return Stack(env, database_url, f"http://127.0.0.1:{edge_port}")
-
-
 @pytest.fixture
 def stack(pg: Any, tmp_path: pathlib.Path) -> Iterator[Stack]:
-    s = build_stack(pg, tmp_path)
-    try:
-        sim = s.start("sim")
-        s.env["TF_SIM_URL"] = sim.address
-        for svc in ("ledger", "metering", "router", "edge"):
-            s.start(svc)
+    with running(build_stack(pg, tmp_path)) as s:
         yield s
-    finally:
-        s.stop()
 
 
 # ---- a load that keeps pressing on the limits -----------------------------------------------------
@@ -515,15 +432,11 @@ def test_limits_hold_through_a_postgres_restart(stack: Stack, pg_restart: Any) -
 def traced(pg: Any, tmp_path: pathlib.Path) -> Iterator[tuple[Stack, Receiver]]:
     """A stack whose services export their spans (OTLP/HTTP) to a receiver of this test."""
     receiver = Receiver()
-    s = build_stack(pg, tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     try:
-        sim = s.start("sim")
-        s.env["TF_SIM_URL"] = sim.address
-        for svc in ("ledger", "metering", "router", "edge"):
-            s.start(svc)
-        yield s, receiver
+        with running(build_stack(pg, tmp_path, env)) as s:
+            yield s, receiver
     finally:
-        s.stop()
         receiver.close()
 
 
