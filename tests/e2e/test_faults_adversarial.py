@@ -435,6 +435,14 @@ def load(c: Cust, n: int, mix: list[tuple[str, bool]] = MIX, **kw: Any) -> concu
     return fut
 
 
+def wait_for_upstream(s: Stack, n: int) -> None:
+    """Until the simulator has had `n` requests (it counts a request when it arrives; its log
+    lists it only when answered)."""
+    wait_until(f"{n} requests at the upstream",
+               lambda: httpx.get(s.env["TF_SIM_URL"] + "/sim/log", timeout=5).json()["requests_total"] >= n,
+               every_s=0.01)
+
+
 def wait_held(s: Stack, c: Cust, at_least: Decimal) -> None:
     wait_until("requests in flight holding money",
                lambda: Decimal(account(s, c.account_id)["buckets"]["wallet"]["held"]) >= at_least, every_s=0.02)
@@ -502,6 +510,7 @@ def test_router_sigterm_mid_stream(stack: Stack) -> None:
     STREAMING.reset()
     running = load(c, 16, mix=[("m-slowstream", True), ("m-hang", True), ("m-slow", False)])
     wait_until("streams under way", lambda: STREAMING.n >= 5, every_s=0.01)
+    wait_for_upstream(stack, 16)  # a request not yet at the router when it stops is refused, not cut
     stack.signal("router", signal.SIGTERM)
     outcomes = running.result(timeout=40)
     assert stack.procs["router"].proc.wait(20) == 0
@@ -537,11 +546,7 @@ def test_metering_kill_9_mid_load_still_settles_what_reached_an_upstream(stack: 
     STREAMING.reset()
     running = load(c, 16, mix=[("m-slowstream", True), ("m-slow", False)])
     wait_until("streams under way", lambda: STREAMING.n >= 6, every_s=0.01)
-    # every request at the upstream before the kill (the simulator counts a request when it
-    # arrives; its log lists it when answered): the unary ones are not counted by STREAMING
-    wait_until("all 16 requests at the upstream",
-               lambda: httpx.get(stack.env["TF_SIM_URL"] + "/sim/log", timeout=5).json()["requests_total"] >= 16,
-               every_s=0.01)
+    wait_for_upstream(stack, 16)  # the unary ones are not counted by STREAMING
     stack.kill9("metering")
     stack.start("metering")
     outcomes = running.result(timeout=60)
