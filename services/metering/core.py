@@ -384,6 +384,7 @@ def estimate_run(
 
     for bucket in Bucket:
         est = estimates[bucket]
+        budget = (budget_nano or {}).get(bucket, 0)
         if available_nano is not None and est.high_nano > 0:
             available = available_nano.get(bucket, 0)
             if est.high_nano > available:
@@ -395,7 +396,6 @@ def estimate_run(
                     f"{_money(shortfall, bucket)}, or shorten the plan.",
                 ))
             elif est.high_nano * 2 > available:
-                budget = (budget_nano or {}).get(bucket, 0)
                 advice = (f"top up, or lower the run's {bucket.value} budget of {_money(budget, bucket)}"
                           if budget > 0 else "top up or set a budget")
                 warnings.append(Warning(
@@ -404,7 +404,6 @@ def estimate_run(
                     f"half of the available {_money(available, bucket)}. Other work paid from the "
                     f"{bucket.value} may be refused while this run is going; {advice}.",
                 ))
-        budget = (budget_nano or {}).get(bucket, 0)
         if budget > 0 and budget < est.high_nano:
             if budget < est.expected_nano:
                 what = (f"below the expected cost {_money(est.expected_nano, bucket)}: the run "
