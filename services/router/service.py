@@ -244,9 +244,7 @@ class Router:
                 # No answer is not a refusal: the ledger may still apply the hold after we gave
                 # up (it was slow, or frozen with our batch in its socket). Release it once it
                 # shows, instead of leaving the customer's money held until the hold expires.
-                task = asyncio.ensure_future(self._release_unanswered_hold(t, channel.bucket))
-                self._best_effort.add(task)
-                task.add_done_callback(self._best_effort.discard)
+                self._in_background(self._release_unanswered_hold(t, channel.bucket), self._best_effort)
             raise
         t.pending_hold = None
         # Request ids are fresh per request, so a replay is our own hold answered twice: the
@@ -387,6 +385,12 @@ class Router:
         )
         return int(resp.tokens)
 
+    async def _estimated_usage(self, t: Ticket, text: str) -> dict[str, int]:
+        """Usage for an answer whose upstream reported none (or none that could be rated):
+        the quoted prompt tokens, and the output counted from `text`."""
+        return {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
+                "cached_input_tokens": 0, "reasoning_tokens": 0}
+
     async def _rate(self, t: Ticket, el: Eligible, usage: dict[str, int], source: str) -> Rated:
         primary = t.eligible[0].channel.channel.id
         channel = el.channel.channel.id
@@ -428,9 +432,7 @@ class Router:
                 failure.response_model = response_model
                 raise
             if usage is None:
-                output = await self._count_text(t, message_text(data.get("choices")))
-                usage = {"input_tokens": t.prompt_tokens, "output_tokens": output,
-                         "cached_input_tokens": 0, "reasoning_tokens": 0}
+                usage = await self._estimated_usage(t, message_text(data.get("choices")))
                 source = "estimated"
             rated = await self._rate(t, el, usage, source)
             attempt_spans.record_success(
@@ -545,10 +547,13 @@ class Router:
         err.attempts = t.attempts
         return err
 
-    def _in_background(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
+    def _in_background(self, coro: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None = None) -> asyncio.Future[Any]:
+        """`coro` as a task kept in `tasks` (default `_background`, which `aclose` waits for)
+        until it ends."""
+        into = self._background if tasks is None else tasks
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        into.add(task)
+        task.add_done_callback(into.discard)
         return task
 
     async def _shielded(self, coro: Awaitable[T]) -> T:
@@ -702,13 +707,11 @@ class Router:
             source = "estimated"
             if status == "cancelled" and not text:
                 return None, source, None  # nothing generated: nothing charged (SPEC §7 rule 8)
-            usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
-                     "cached_input_tokens": 0, "reasoning_tokens": 0}
+            usage = await self._estimated_usage(t, text)
         try:
             rated = await self._rate(t, el, usage, source)
         except AttemptFailed:
-            usage = {"input_tokens": t.prompt_tokens, "output_tokens": await self._count_text(t, text),
-                     "cached_input_tokens": 0, "reasoning_tokens": 0}
+            usage = await self._estimated_usage(t, text)
             source = "estimated"
             rated = await self._rate(t, el, usage, source)
         return usage, source, Done(el, n, rated)
