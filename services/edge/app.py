@@ -130,7 +130,7 @@ class Edge:
     def _router_error(self, exc: grpc.aio.AioRpcError) -> TFError:
         """The router's error; or, when the edge's own wait ran out (no error code from the
         router), `unavailable` naming that wait, not an upstream timeout."""
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not any(
+        if self.router_timeout_s is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not any(
                 key == MD_CODE for key, _ in exc.trailing_metadata() or ()):
             return TFError("unavailable", f"The router did not answer within {self.router_timeout_s:g} s; "
                                           "its receipt (GET /v1/receipts) will say whether it was charged.")
