@@ -268,6 +268,27 @@ async def writer_customer(pool: asyncpg.Pool, group: WriterGroup, wallet_nano: i
     return account_id, key_id
 
 
+def settle_op(account_id: str, request_id: str, key_id: str, rated: int, bucket: Bucket | None = Bucket.WALLET,
+              run_id: str | None = None) -> core.SettleOp:
+    """A `settled` settlement of `rated` nano with a small receipt body."""
+    return core.SettleOp(account_id, request_id, key_id, bucket, rated, "settled", {"note": "writer test"}, run_id)
+
+
+async def bucket_row(pool: asyncpg.Pool, account_id: str, bucket: Bucket = Bucket.WALLET) -> tuple[int, int]:
+    """(balance, held) of one bucket, in nano, as stored."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT balance_nano, held_nano FROM buckets WHERE account_id = $1 AND bucket = $2",
+                                  account_id, bucket.value)
+    return row["balance_nano"], row["held_nano"]
+
+
+async def audit_clean(pool: asyncpg.Pool) -> None:
+    """The ledger's own audit of the database finds nothing."""
+    async with pool.acquire() as conn:
+        problems, _ = await store.audit(conn)
+    assert problems == []
+
+
 async def audit_ok(stub: ledger_pb2_grpc.LedgerServiceStub) -> None:
     result = await stub.Audit(L.AuditRequest())
     assert result.ok, list(result.problems)

@@ -10,9 +10,12 @@ import pytest
 
 from tokenforge.errors import TFError
 from tokenforge.ledger import store, writer
-from tokenforge.ledger.core import HoldOp, Policy, SettleOp, TopUpOp
+from tokenforge.ledger.core import HoldOp, Policy, TopUpOp
 from tokenforge.money import Bucket
 
+from .conftest import audit_clean as _audit_ok
+from .conftest import bucket_row as _wallet
+from .conftest import settle_op as _settle
 from .conftest import writer_customer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -42,23 +45,6 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(writer.store, "load_book", counted)
     return seen
-
-
-def _settle(account_id: str, request_id: str, key_id: str, rated: int, bucket: Bucket = Bucket.WALLET) -> SettleOp:
-    return SettleOp(account_id, request_id, key_id, bucket, rated, "settled", {"note": "cache test"})
-
-
-async def _wallet(pool: asyncpg.Pool, account_id: str, bucket: str = "wallet") -> tuple[int, int]:
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT balance_nano, held_nano FROM buckets WHERE account_id = $1 AND bucket = $2",
-                                  account_id, bucket)
-    return row["balance_nano"], row["held_nano"]
-
-
-async def _audit_ok(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as conn:
-        problems, _ = await store.audit(conn)
-    assert problems == []
 
 
 async def test_a_warm_accounts_holds_and_settlements_are_written_without_a_read(
@@ -164,6 +150,6 @@ async def test_a_request_held_elsewhere_is_read_so_its_settlement_releases_every
     settled = await mine.submit(_settle(account_id, "el-1", key_id, 120, Bucket.CREDIT))
     assert settled.amount_nano == 120
     assert await _wallet(pool, account_id) == (990, 0)  # the wallet hold was released too
-    assert await _wallet(pool, account_id, "credit") == (880, 0)
+    assert await _wallet(pool, account_id, Bucket.CREDIT) == (880, 0)
     await _audit_ok(pool)
 

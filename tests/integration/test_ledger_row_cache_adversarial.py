@@ -26,6 +26,9 @@ from tokenforge.ledger.core import (
 )
 from tokenforge.money import Bucket
 
+from .conftest import audit_clean as _audit_ok
+from .conftest import bucket_row as _bucket
+from .conftest import settle_op as _settle
 from .conftest import writer_customer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -33,29 +36,11 @@ POLICY = Policy(600, 3600, 3600)
 W, C = Bucket.WALLET, Bucket.CREDIT
 
 
-def _settle(account_id: str, request_id: str, key_id: str, rated: int, bucket: Bucket | None = W,
-            run_id: str | None = None) -> SettleOp:
-    return SettleOp(account_id, request_id, key_id, bucket, rated, "settled", {"note": "adversarial"}, run_id)
-
-
-async def _bucket(pool: asyncpg.Pool, account_id: str, bucket: Bucket = W) -> tuple[int, int]:
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT balance_nano, held_nano FROM buckets WHERE account_id = $1 AND bucket = $2",
-                                  account_id, bucket.value)
-    return row["balance_nano"], row["held_nano"]
-
-
 async def _holds(pool: asyncpg.Pool, request_id: str) -> list[tuple[str, str, int, int]]:
     async with pool.acquire() as conn:
         rows = await conn.fetch("SELECT bucket, state, captured_nano, released_nano FROM holds WHERE request_id = $1 "
                                 "ORDER BY bucket", request_id)
     return [tuple(r) for r in rows]
-
-
-async def _audit_ok(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as conn:
-        problems, _ = await store.audit(conn)
-    assert problems == []
 
 
 async def _second_key(pool: asyncpg.Pool, account_id: str, limits: core.KeyLimitsNano | None = None) -> str:
