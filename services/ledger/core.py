@@ -253,6 +253,9 @@ class HoldRow:
     expires_at: dt.datetime
     created_at: dt.datetime
     closed_at: dt.datetime | None = None
+    # The receipt the router drafted for the request never settled (JSON text, written with a
+    # new hold; rows read back leave it out: only the reaper reads it, see ExpireHoldOp).
+    unsettled_receipt: str | None = None
     dirty: bool = False
     new: bool = False
 
@@ -285,6 +288,10 @@ class ReceiptRow:
     created_at: dt.datetime
     body_json: str = ""
     refunded_nano: int = 0  # Σ refunds of this receipt; never above amount_nano
+    # Written by the reaper for a request whose holds expired unsettled (nothing charged); a
+    # later Settle replaces it (`replaces` on the new row: the store updates instead of inserting).
+    unsettled: bool = False
+    replaces: bool = False
     dirty: bool = False  # refunded_nano changed (an existing receipt; new ones are inserted)
 
 
@@ -341,6 +348,7 @@ class HoldOp:
     amount_nano: int
     run_id: str | None = None
     ttl_s: int = 0
+    unsettled_receipt: str | None = None  # JSON object text: the receipt if never settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +363,7 @@ class ExpireHoldOp:
     account_id: str
     request_id: str
     bucket: Bucket
+    unsettled_receipt: str | None = None  # the hold's, as the reaper read it
 
 
 @dataclass(frozen=True, slots=True)
@@ -811,6 +820,7 @@ class Book:
             ttl_s=ttl_s,
             expires_at=self.now + dt.timedelta(seconds=ttl_s),
             created_at=self.now,
+            unsettled_receipt=op.unsettled_receipt,
             new=True,
         )
         if funded:
@@ -847,8 +857,72 @@ class Book:
         if hold is None or hold.state != HOLD_ACTIVE or hold.expires_at > self.now:
             return None
         released = self._close_hold(hold, HOLD_EXPIRED, 0)
-        self._free_hold(hold, released, "expiry", None)
+        receipt = self._unsettled_receipt(hold, op.unsettled_receipt)
+        self._free_hold(hold, released, "expiry", receipt.id if receipt is not None else None)
         return ReleaseResult(released, replayed=False)
+
+    def _unsettled_receipt(self, hold: HoldRow, draft_json: str | None) -> ReceiptRow | None:
+        """The last active hold of a request nobody settled has just expired: its router died
+        (or gave up on an unreachable ledger) after the request may have reached an upstream.
+        Every such request gets a receipt: a `failed` one charging nothing, from the draft
+        the router sent with the hold, saying why. None while another hold of the request is
+        active (its expiry writes it) or when the request already has a receipt."""
+        if hold.request_id in self.receipts:
+            return None
+        holds = [h for b in Bucket if (h := self.holds.get((hold.request_id, b))) is not None]
+        if any(h.state == HOLD_ACTIVE for h in holds):
+            return None
+        key = self.keys[hold.key_id]
+        try:
+            draft = orjson.loads(draft_json) if draft_json else {}
+        except ValueError:  # checked at Hold; a row written by hand must not stop the reaper
+            draft = {}
+        if not isinstance(draft, dict):
+            draft = {}
+        receipt_id = draft.get("id")
+        if not (isinstance(receipt_id, str) and _RECEIPT_ID_RE.match(receipt_id)):
+            receipt_id = self.id_factory("rcpt")
+        run = draft.get("run")
+        step = run.get("step") if isinstance(run, dict) else None
+        display = max(holds, key=lambda h: h.created_at)
+        receipt = ReceiptRow(
+            id=receipt_id,
+            request_id=hold.request_id,
+            key_id=key.id,
+            account_id=key.account_id,
+            run_id=next((h.run_id for h in holds if h.run_id), None),
+            run_step=step if isinstance(step, str) and step else None,
+            status="failed",
+            bucket=None,
+            rated_nano=0,
+            amount_nano=0,
+            uncollected_nano=0,
+            held_nano=display.amount_nano,
+            released_nano=display.released_nano,
+            created_at=self.now,
+            unsettled=True,
+        )
+        trace = draft.get("trace_id")
+        where = f" Its attempts, if any reached an upstream, are in trace {trace}." if isinstance(trace, str) else ""
+        draft.update(
+            status="failed",
+            final_attempt=0,
+            attempts=[],
+            usage=None,
+            usage_source=None,
+            price=None,
+            error={
+                "code": "unsettled",
+                "message": (
+                    f"The router did not settle this request before its hold expired at "
+                    f"{rfc3339(hold.expires_at)}; nothing was charged.{where}"
+                ),
+            },
+        )
+        receipt.body_json = _receipt_body(draft, receipt, key, display, holds)
+        self.receipts[hold.request_id] = receipt
+        self.new_receipts.append(receipt)
+        return receipt
 
     def settle(self, op: SettleOp) -> SettleResult:
         check_request_id(op.request_id)
@@ -862,7 +936,12 @@ class Book:
             raise TFError("invalid_request", "a failed request is not charged", "rated_nano")
 
         seen = self.receipts.get(op.request_id)
-        if seen is not None:
+        if seen is not None and seen.unsettled:
+            # The reaper gave up on this request and wrote a `failed` receipt; its router was
+            # only late. The real settlement replaces it (same id): the holds have expired, so
+            # the charge comes from the available balance, any shortfall left uncollected.
+            pass
+        elif seen is not None:
             if (seen.key_id, seen.bucket, seen.rated_nano, seen.status) != (
                 op.key_id, op.bucket, op.rated_nano, op.status,
             ):
@@ -895,7 +974,7 @@ class Book:
                 "request_id",
             )
 
-        receipt_id = op.receipt_id or self.id_factory("rcpt")
+        receipt_id = seen.id if seen is not None else (op.receipt_id or self.id_factory("rcpt"))
         amount = uncollected = 0
         display = pay or max(holds, key=lambda h: h.created_at)
         held_shown = display.amount_nano
@@ -926,8 +1005,9 @@ class Book:
             held_nano=held_shown,
             released_nano=released_shown,
             created_at=self.now,
+            replaces=seen is not None,
         )
-        receipt.body_json = _receipt_body(op, receipt, key, display, holds)
+        receipt.body_json = _receipt_body(op.receipt, receipt, key, display, holds)
         self.receipts[op.request_id] = receipt
         self.new_receipts.append(receipt)
         return SettleResult(receipt.id, amount, uncollected, held_shown, released_shown, replayed=False)
@@ -1077,9 +1157,11 @@ _APPLY: dict[type, Callable[[Book, Any], Result]] = {
     AdjustOp: Book.adjust,
 }
 
-def _receipt_body(op: SettleOp, receipt: ReceiptRow, key: KeyRow, display: HoldRow, holds: list[HoldRow]) -> str:
+def _receipt_body(
+    draft: dict[str, Any], receipt: ReceiptRow, key: KeyRow, display: HoldRow, holds: list[HoldRow]
+) -> str:
     """The stored receipt: the router's fields plus the money fields the ledger decides."""
-    body = dict(op.receipt)
+    body = dict(draft)
     charged = receipt.amount_nano + receipt.uncollected_nano > 0
     unit_bucket = receipt.bucket or display.bucket
     body.update(

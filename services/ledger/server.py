@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hmac
 import json
@@ -32,6 +33,7 @@ from tokenforge.ledger.core import (
     HoldOp,
     HoldResult,
     KeyLimitsNano,
+    Op,
     Policy,
     RefundOp,
     RefundResult,
@@ -64,6 +66,7 @@ Writers = WriterGroup | ThreadedWriterGroup
 SECRET_PREFIX = "sk-tf-"
 SECRET_DISPLAY_CHARS = 10
 MAX_RECEIPT_JSON_BYTES = 1024 * 1024
+MAX_UNSETTLED_RECEIPT_BYTES = 16 * 1024
 MAX_ESTIMATE_JSON_BYTES = 1024 * 1024
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
@@ -167,6 +170,24 @@ def _json_object(raw: bytes, param: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TFError("invalid_request", f"{param} must be a JSON object", param)
     return value
+
+
+def _unsettled_receipt(raw: bytes) -> str | None:
+    """A hold's draft receipt, checked now so that the reaper can always write it later."""
+    param = "unsettled_receipt_json"
+    if not raw:
+        return None
+    draft = _json_object(raw, param, MAX_UNSETTLED_RECEIPT_BYTES)
+    if b"\\u0000" in raw:  # valid JSON, but a jsonb column cannot hold it
+        raise TFError("invalid_request", f"{param} must not contain \\u0000", param)
+    if "id" in draft:
+        try:
+            if not isinstance(draft["id"], str):
+                raise TFError("invalid_request", "id must be a string", param)
+            core.check_receipt_id(draft["id"])  # the router's choice, as Settle's receipt_id
+        except TFError as err:
+            raise TFError("invalid_request", f"{param}: {err.message}", param) from None
+    return raw.decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +414,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         core.check_request_id(request.request_id)
         core.check_amount(request.amount_nano, "amount_nano")
         self._policy.hold_ttl(request.ttl_s)
+        unsettled = _unsettled_receipt(request.unsettled_receipt_json)
         account_id = await self._account_of_key(request.key_id)
         result = await self._writers.submit(
             HoldOp(
@@ -403,6 +425,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 amount_nano=request.amount_nano,
                 run_id=request.run_id or None,
                 ttl_s=request.ttl_s,
+                unsettled_receipt=unsettled,
             )
         )
         assert isinstance(result, HoldResult)
@@ -646,7 +669,9 @@ async def reap_once(pool: asyncpg.Pool, writers: Writers, now: dt.datetime) -> i
     async with pool.acquire() as conn:
         holds = await store.expired_holds(conn, now, REAP_BATCH)
         runs = await store.expired_runs(conn, now, REAP_BATCH)
-    ops = [ExpireHoldOp(r["account_id"], r["request_id"], Bucket(r["bucket"])) for r in holds]
+    ops: list[Op] = [
+        ExpireHoldOp(r["account_id"], r["request_id"], Bucket(r["bucket"]), r["unsettled_receipt"]) for r in holds
+    ]
     ops += [CloseRunOp(r["account_id"], r["id"], None, expire=True) for r in runs]
     if not ops:
         return 0
@@ -654,6 +679,13 @@ async def reap_once(pool: asyncpg.Pool, writers: Writers, now: dt.datetime) -> i
     for op, result in zip(ops, results, strict=True):
         if isinstance(result, BaseException):
             log.warning("reaper: %r failed: %r", op, result)
+            if isinstance(op, ExpireHoldOp) and op.unsettled_receipt is not None:
+                # Its draft could not be stored (say its receipt id is taken): expiring the hold
+                # matters more, with a receipt the ledger makes from what it knows.
+                try:
+                    await writers.submit(dataclasses.replace(op, unsettled_receipt=None))
+                except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
+                    log.warning("reaper: expiring %s failed again: %r", op.request_id, exc)
     return len(ops)
 
 

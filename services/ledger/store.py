@@ -119,7 +119,7 @@ _HOLD_COLS = """id, request_id, bucket, account_id, key_id, run_id, run_funded, 
     state, captured_nano, released_nano, ttl_s, expires_at, created_at, closed_at"""
 
 _RECEIPT_COLS = """id, request_id, key_id, account_id, run_id, run_step, status, bucket, rated_nano,
-    amount_nano, uncollected_nano, held_nano, released_nano, refunded_nano, created_at"""
+    amount_nano, uncollected_nano, held_nano, released_nano, refunded_nano, created_at, unsettled"""
 
 _REFUND_COLS = "id, idempotency_key, receipt_id, account_id, bucket, amount_nano, reason, created_at"
 
@@ -255,6 +255,7 @@ def _receipt_row(r: dict[str, Any]) -> ReceiptRow:
         released_nano=r["released_nano"],
         created_at=_ts(r["created_at"]),
         refunded_nano=r["refunded_nano"],
+        unsettled=r["unsettled"],
     )
 
 
@@ -279,8 +280,11 @@ async def load_book(conn: asyncpg.Connection, ops: Sequence[Op], book: Book) -> 
                 run_ids.add(op.run_id)
             if isinstance(op, SettleOp):
                 settle_ids.append(op.request_id)
-        elif isinstance(op, ReleaseOp | ExpireHoldOp):
+        elif isinstance(op, ReleaseOp):
             request_ids.add(op.request_id)
+        elif isinstance(op, ExpireHoldOp):  # the last hold's expiry writes a receipt if none exists
+            request_ids.add(op.request_id)
+            settle_ids.append(op.request_id)
         elif isinstance(op, TopUpOp):
             topup_keys.append(op.idempotency_key)
         elif isinstance(op, CreateRunOp):
@@ -403,6 +407,15 @@ class _Writes:
         return "WITH " + ",\n".join(self.parts) + f"\nSELECT ledger_check({' AND '.join(conds) or 'true'})"
 
 
+_RECEIPT_GETTERS = (
+    lambda r: r.id, lambda r: r.request_id, lambda r: r.key_id, lambda r: r.account_id,
+    lambda r: r.run_id, lambda r: r.run_step, lambda r: r.status,
+    lambda r: r.bucket.value if r.bucket else None, lambda r: r.rated_nano,
+    lambda r: r.amount_nano, lambda r: r.uncollected_nano, lambda r: r.held_nano,
+    lambda r: r.released_nano, lambda r: r.created_at, lambda r: r.body_json, lambda r: r.unsettled,
+)
+
+
 def _cols(rows: Iterable[Any], *getters: Any) -> list[list[Any]]:
     out: list[list[Any]] = [[] for _ in getters]
     for row in rows:
@@ -476,14 +489,15 @@ async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot, fresh
     )
     w.add(
         "new_holds",
-        f"INSERT INTO holds ({_HOLD_COLS}) SELECT * FROM unnest({{params}})",
+        f"INSERT INTO holds ({_HOLD_COLS}, unsettled_receipt) SELECT * FROM unnest({{params}})",
         ["text", "text", "text", "text", "text", "text", "bool", "bigint", "text", "bigint",
-         "bigint", "int", "timestamptz", "timestamptz", "timestamptz"],
+         "bigint", "int", "timestamptz", "timestamptz", "timestamptz", "text"],
         [h for h in book.holds.values() if h.new],
         lambda h: h.id, lambda h: h.request_id, lambda h: h.bucket.value, lambda h: h.account_id,
         lambda h: h.key_id, lambda h: h.run_id, lambda h: h.run_funded, lambda h: h.amount_nano,
         lambda h: h.state, lambda h: h.captured_nano, lambda h: h.released_nano,
         lambda h: h.ttl_s, lambda h: h.expires_at, lambda h: h.created_at, lambda h: h.closed_at,
+        lambda h: h.unsettled_receipt,
     )
     w.add(
         "holds_changed",
@@ -539,16 +553,32 @@ async def write_book(conn: asyncpg.Connection, book: Book, snap: Snapshot, fresh
         "new_receipts",
         """INSERT INTO receipts (id, request_id, key_id, account_id, run_id, run_step, status,
                bucket, rated_nano, amount_nano, uncollected_nano, held_nano, released_nano,
-               created_at, body)
+               created_at, body, unsettled)
            SELECT * FROM unnest({params})""",
         ["text", "text", "text", "text", "text", "text", "text", "text", "bigint", "bigint",
-         "bigint", "bigint", "bigint", "timestamptz", "jsonb"],
-        book.new_receipts,
-        lambda r: r.id, lambda r: r.request_id, lambda r: r.key_id, lambda r: r.account_id,
-        lambda r: r.run_id, lambda r: r.run_step, lambda r: r.status,
-        lambda r: r.bucket.value if r.bucket else None, lambda r: r.rated_nano,
-        lambda r: r.amount_nano, lambda r: r.uncollected_nano, lambda r: r.held_nano,
-        lambda r: r.released_nano, lambda r: r.created_at, lambda r: r.body_json,
+         "bigint", "bigint", "bigint", "timestamptz", "jsonb", "bool"],
+        [r for r in book.new_receipts if not r.replaces],
+        *_RECEIPT_GETTERS,
+    )
+    # A late Settle replaces the reaper's `failed` receipt of an unsettled request, only if it
+    # is still that one (another ledger process may have replaced it meanwhile).
+    w.add(
+        "receipts_replaced",
+        """UPDATE receipts SET run_id = u.run_id, run_step = u.run_step, status = u.status,
+               bucket = u.bucket, rated_nano = u.rated_nano, amount_nano = u.amount_nano,
+               uncollected_nano = u.uncollected_nano, held_nano = u.held_nano,
+               released_nano = u.released_nano, created_at = u.created_at, body = u.body,
+               unsettled = u.unsettled
+             FROM unnest({params}) AS u(id, request_id, key_id, account_id, run_id, run_step,
+                  status, bucket, rated_nano, amount_nano, uncollected_nano, held_nano,
+                  released_nano, created_at, body, unsettled)
+            WHERE receipts.id = u.id AND receipts.request_id = u.request_id AND receipts.unsettled
+            RETURNING 1""",
+        ["text", "text", "text", "text", "text", "text", "text", "text", "bigint", "bigint",
+         "bigint", "bigint", "bigint", "timestamptz", "jsonb", "bool"],
+        [r for r in book.new_receipts if r.replaces],
+        *_RECEIPT_GETTERS,
+        expect=True,
     )
     # A refund raises its receipt's refunded total only if nobody else did meanwhile (another
     # ledger process): compare-and-set like every other row; the CHECK refunded_nano <=
@@ -770,7 +800,7 @@ async def open_runs_of_key(conn: asyncpg.Connection, key_id: str) -> list[tuple[
 
 async def expired_holds(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """SELECT account_id, request_id, bucket FROM holds
+        """SELECT account_id, request_id, bucket, unsettled_receipt FROM holds
             WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2""",
         now,
         limit,

@@ -92,6 +92,7 @@ class Ticket:
     deadline: float
     max_output_per_choice: int
     receipt_id: str = ""
+    unsettled_json: bytes = b""  # the receipt the ledger writes if this request is never settled
     prompt_tokens: int = 0
     pending_hold: tuple[Bucket, int, asyncio.Future[Any]] | None = None
     holds: dict[Bucket, int] = field(default_factory=dict)
@@ -186,6 +187,7 @@ class Router:
             max_output_per_choice=req.max_tokens or model.max_output_tokens,
             receipt_id=f"rcpt_{uuid.uuid4().hex[:24]}",
         )
+        ticket.unsettled_json = self._unsettled_draft(ticket)
         try:
             await self._hold(ticket, eligible[0])
         except TFError as err:
@@ -228,8 +230,10 @@ class Router:
                 bucket=channel.bucket.to_pb(),
                 amount_nano=quote.amount_nano,
                 run_id=t.run_id,
-                # Outlives the request's deadline; after a crash the reaper frees it soon after.
+                # Outlives the request's deadline; after a crash the reaper frees it soon after
+                # and, if we never settled, stores this receipt (failed, nothing charged).
                 ttl_s=int(self.request_deadline_s) + HOLD_MARGIN_S,
+                unsettled_receipt_json=t.unsettled_json,
             ),
             t.ctx,
         ))
@@ -458,6 +462,24 @@ class Router:
             span.end()
 
     # ---- settlement ------------------------------------------------------------------------
+
+    def _unsettled_draft(self, t: Ticket) -> bytes:
+        """What the receipt says if this router dies before settling: who, what was asked,
+        the trace; no attempts (they are in the trace, as far as they were exported)."""
+        draft = build_draft(
+            attempts=[],
+            trace_id=hex_trace_id(t.span.get_span_context().trace_id),
+            request_id=t.request_id,
+            key=t.key,
+            run_id=t.run_id,
+            run_step=t.run_step,
+            req=t.req,
+            status="failed",
+            primary=t.eligible[0].channel,
+            done=None,
+        )
+        draft["id"] = t.receipt_id
+        return jsonfast.dumps(draft)
 
     def _receipt_draft(self, t: Ticket, status: str, done: Done | None) -> dict[str, Any]:
         ctx = t.span.get_span_context()

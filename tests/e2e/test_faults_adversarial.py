@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import os
 import pathlib
+import re
 import secrets
 import signal
 import subprocess
@@ -282,13 +283,19 @@ def price(usage: dict[str, int], p_in: str, p_out: str) -> Decimal:
     return (usage["input_tokens"] * Decimal(p_in) + usage["output_tokens"] * Decimal(p_out)) / Decimal(1_000_000)
 
 
-def check_upstream_receipts(s: Stack, receipts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every request the simulator saw (by the router's X-TF-Request-Id) has exactly one
-    receipt, listing as many attempts as the simulator got tries. Returns them by request id."""
+def upstream_tries(s: Stack) -> dict[str, int]:
+    """How many tries the simulator got per request (the router's X-TF-Request-Id)."""
     log = httpx.get(s.env["TF_SIM_URL"] + "/sim/log", timeout=10).json()["data"]
     tries: dict[str, int] = {}
     for entry in log:
         tries[entry["request_id"]] = tries.get(entry["request_id"], 0) + 1
+    return tries
+
+
+def check_upstream_receipts(s: Stack, receipts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every request the simulator saw (by the router's X-TF-Request-Id) has exactly one
+    receipt, listing as many attempts as the simulator got tries. Returns them by request id."""
+    tries = upstream_tries(s)
     by_request = {r["request_id"]: r for r in receipts}
     missing = sorted(set(tries) - set(by_request))
     assert not missing, f"{len(missing)} of {len(tries)} requests reached the upstream and have no receipt"
@@ -297,14 +304,20 @@ def check_upstream_receipts(s: Stack, receipts: list[dict[str, Any]]) -> dict[st
     return {rid: by_request[rid] for rid in tries}
 
 
+def unsettled(r: dict[str, Any]) -> bool:
+    """A receipt the ledger's reaper wrote for a request no router settled (it died)."""
+    return (r.get("error") or {}).get("code") == "unsettled"
+
+
 def check_attempts_match_upstream(s: Stack, receipts: list[dict[str, Any]]) -> None:
-    """Each receipt's attempts match the tries the simulator got for its request."""
-    log = httpx.get(s.env["TF_SIM_URL"] + "/sim/log", timeout=10).json()["data"]
-    tries: dict[str, int] = {}
-    for entry in log:
-        tries[entry["request_id"]] = tries.get(entry["request_id"], 0) + 1
+    """Each receipt's attempts match the tries the simulator got for its request; one its
+    router never settled lists none (they are in the trace) and charges nothing."""
+    tries = upstream_tries(s)
     for r in receipts:
-        assert len(r["attempts"]) == tries.get(r["request_id"], 0), r
+        if unsettled(r):
+            assert (r["status"], r["amount"], r["attempts"]) == ("failed", "0", []), r
+        else:
+            assert len(r["attempts"]) == tries.get(r["request_id"], 0), r
 
 
 def audit_ok(s: Stack) -> None:
@@ -477,7 +490,10 @@ def _try_fast(c: Cust) -> Any:
 def test_router_kill_9_with_32_requests_in_flight(stack: Stack) -> None:
     """kill -9 the router while 32 requests (unary and streaming, some falling back) are at
     the upstream: every client gets an OpenAI-shaped error or its answer, a restarted router
-    serves again, the holds the dead router left expire, and the money adds up to the nano."""
+    serves again, the holds the dead router left expire, and the money adds up to the nano.
+    Every request that reached the upstream has exactly one receipt: those the dead router
+    never settled get, when their hold expires, the `failed` receipt it drafted at admission
+    (nothing charged, the error saying why), under the id a cut stream had already been told."""
     c = new_customer(stack)
     STREAMING.reset()
     running = load(c, 32)
@@ -494,9 +510,23 @@ def test_router_kill_9_with_32_requests_in_flight(stack: Stack) -> None:
     for o in outcomes:
         if o.kind == "ok":
             assert o.receipt_id in by_id and by_id[o.receipt_id]["status"] == "settled"
-    # the dead router wrote nothing more: the receipts that exist are whole (check_money), and
-    # each is for a request the simulator saw, with as many attempts as it got tries
-    check_attempts_match_upstream(stack, receipts)
+    tries = upstream_tries(stack)
+    by_request = {r["request_id"]: r for r in receipts}
+    missing = sorted(set(tries) - set(by_request))
+    assert not missing, f"{len(missing)} of {len(tries)} requests reached the upstream and have no receipt"
+    by_reaper = {r["id"] for r in receipts if unsettled(r)}
+    assert len(by_reaper) >= 8, "the streams under way at the kill were never settled"
+    for r in receipts:
+        if r["id"] in by_reaper:  # written by the ledger's reaper from the router's draft
+            assert (r["status"], r["amount"], r["attempts"], r["final_attempt"]) == ("failed", "0", [], 0), r
+            assert re.fullmatch(r"[0-9a-f]{32}", r["trace_id"]) and r["trace_id"] in r["error"]["message"], r
+            assert r["requested_model"] in {m for m, _ in MIX} and r["key"]["id"] == c.key_id, r
+            assert {h["state"] for h in r["holds"]} == {"expired"}, r
+        else:  # settled by a live router: as many attempts as the simulator got tries
+            assert len(r["attempts"]) == tries.get(r["request_id"], 0), r
+    for o in outcomes:
+        if o.kind == "stream_error":  # cut by the kill, after its receipt id was announced
+            assert o.receipt_id in by_reaper, o
 
 
 def test_router_sigterm_mid_stream(stack: Stack) -> None:

@@ -313,6 +313,61 @@ async def test_reaper_releases_expired_holds(stub) -> None:
     await audit_ok(stub)
 
 
+async def test_a_request_never_settled_gets_the_receipt_drafted_with_its_hold(stub) -> None:
+    """The router died after holding: when the hold expires, the receipt it drafted at
+    admission is stored (failed, nothing charged, saying why); a Settle that comes later (the
+    router was only slow) replaces it under the same id; one receipt per request throughout."""
+    c = await new_customer(stub, wallet_nano=ONE)
+    r, chosen = rid(), "rcpt_" + secrets.token_hex(12)
+    draft = {"id": chosen, "trace_id": "f" * 32, "request_id": r, "route_policy": "routed",
+             "requested_model": "gpt-4o-mini", "stream": True, "status": "failed", "final_attempt": 0,
+             "attempts": []}
+    await stub.Hold(L.HoldRequest(request_id=r, key_id=c.key_id, bucket=WALLET, amount_nano=5000, ttl_s=1,
+                                  unsettled_receipt_json=json.dumps(draft).encode()))
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        listed = await stub.ListReceipts(L.ListReceiptsRequest(key_id=c.key_id, limit=10))
+        if listed.receipts:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "no receipt after the hold expired"
+        await asyncio.sleep(0.1)  # polling for the reaper's work, bounded
+    assert [x.id for x in listed.receipts] == [chosen]
+    body = json.loads((await stub.GetReceipt(L.GetReceiptRequest(receipt_id=chosen, key_id=c.key_id))).receipt_json)
+    assert (body["status"], body["amount"], body["held"], body["released"]) == ("failed", "0", "0.000005", "0.000005")
+    assert (body["requested_model"], body["trace_id"], body["attempts"]) == ("gpt-4o-mini", "f" * 32, [])
+    assert body["error"]["code"] == "unsettled" and "f" * 32 in body["error"]["message"]
+    assert body["holds"] == [{"bucket": "wallet", "unit": "CNY", "held": "0.000005", "captured": "0",
+                              "released": "0.000005", "state": "expired"}]
+    assert (await balances(stub, c.account_id)).balances.wallet.balance_nano == ONE
+
+    res = await stub.Settle(L.SettleRequest(request_id=r, key_id=c.key_id, bucket=WALLET, rated_nano=1200,
+                                            status="settled", receipt_json=receipt_json(), receipt_id=chosen))
+    assert (res.receipt_id, res.amount_nano, res.uncollected_nano, res.replayed) == (chosen, 1200, 0, False)
+    body = json.loads((await stub.GetReceipt(L.GetReceiptRequest(receipt_id=chosen, key_id=c.key_id))).receipt_json)
+    assert (body["status"], body["amount"], len(body["attempts"])) == ("settled", "0.0000012", 1)
+    assert "error" not in body
+    listed = await stub.ListReceipts(L.ListReceiptsRequest(key_id=c.key_id, limit=10))
+    assert [x.id for x in listed.receipts] == [chosen]
+    again = await stub.Settle(L.SettleRequest(request_id=r, key_id=c.key_id, bucket=WALLET, rated_nano=1200,
+                                              status="settled", receipt_json=receipt_json(), receipt_id=chosen))
+    assert again.replayed and again.amount_nano == 1200
+    assert (await balances(stub, c.account_id)).balances.wallet.balance_nano == ONE - 1200
+    await audit_ok(stub)
+
+
+@pytest.mark.parametrize("draft", [b"[1]", b"{", b'{"id": 5}', b'{"id": "bogus id"}', b'{"a": "\\u0000"}',
+                                   b'{"a": "' + b"x" * 17000 + b'"}'])
+async def test_a_bad_unsettled_receipt_is_refused_with_its_hold(stub, draft: bytes) -> None:
+    c = await new_customer(stub, wallet_nano=ONE)
+    err = await expect_error(
+        stub.Hold(L.HoldRequest(request_id=rid(), key_id=c.key_id, bucket=WALLET, amount_nano=10,
+                                unsettled_receipt_json=draft)),
+        S.INVALID_ARGUMENT, "invalid_request",
+    )
+    assert "unsettled_receipt_json" in err.details(), err.details()
+    assert (await balances(stub, c.account_id)).balances.wallet.held_nano == 0
+
+
 async def test_receipt_id_chosen_by_the_router(stub) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
     r, chosen = rid(), "rcpt_" + secrets.token_hex(12)

@@ -210,6 +210,87 @@ def test_expiry_then_late_settlement_charges_available() -> None:
     assert b.transfers[-1].kind == "capture" and b.transfers[-1].src == "customer"
 
 
+DRAFT = json.dumps({
+    "id": "rcpt_0123456789abcdef01234567", "trace_id": "ab" * 16, "request_id": "r",
+    "key": {"id": KEY, "name": "k"}, "route_policy": "auto", "requested_model": "gpt-4o-mini",
+    "run": {"id": "ignored", "step": "plan"}, "stream": True, "status": "failed",
+    "final_attempt": 0, "attempts": [], "usage": None, "price": None,
+    "fallback": {"used": False, "primary_channel": "cheap-a", "primary_unit": "CNY",
+                 "primary_price_amount": None, "extra_cost": None},
+})
+
+
+def test_a_request_never_settled_gets_a_failed_receipt_when_its_last_hold_expires() -> None:
+    """A router killed mid-request never settles: when the request's last hold expires, the
+    receipt it drafted at admission is written (failed, nothing charged, saying why)."""
+    b = book(wallet=1000, credit=1000)
+    b.apply(HoldOp(ACCT, "r", KEY, W, 100, ttl_s=5, unsettled_receipt=DRAFT))
+    b.now = NOW + dt.timedelta(seconds=1)
+    b.apply(HoldOp(ACCT, "r", KEY, C, 300, ttl_s=9, unsettled_receipt=DRAFT))  # an auto fallback
+    b.now = NOW + dt.timedelta(seconds=5)
+    assert b.apply(ExpireHoldOp(ACCT, "r", W, DRAFT)).released_nano == 100
+    assert "r" not in b.receipts  # the credit hold is still active: its expiry writes it
+    b.now = NOW + dt.timedelta(seconds=10)
+    assert b.apply(ExpireHoldOp(ACCT, "r", C, DRAFT)).released_nano == 300
+    receipt = b.receipts["r"]
+    assert (receipt.id, receipt.status, receipt.unsettled) == ("rcpt_0123456789abcdef01234567", "failed", True)
+    assert (receipt.amount_nano, receipt.rated_nano, receipt.held_nano, receipt.released_nano) == (0, 0, 300, 300)
+    body = json.loads(receipt.body_json)
+    assert body["status"] == "failed" and body["attempts"] == [] and body["final_attempt"] == 0
+    assert (body["requested_model"], body["route_policy"], body["trace_id"]) == ("gpt-4o-mini", "auto", "ab" * 16)
+    assert (body["amount"], body["bucket"], body["unit"], body["run"]) == ("0", None, "CREDIT", None)
+    assert body["error"]["code"] == "unsettled"
+    assert "2030-01-01T12:00:10.000Z" in body["error"]["message"] and "ab" * 16 in body["error"]["message"]
+    assert [h["state"] for h in body["holds"]] == ["expired", "expired"]
+    assert b.transfers[-1].kind == "expiry" and b.transfers[-1].receipt_id == receipt.id
+    assert b.apply(ExpireHoldOp(ACCT, "r", C, DRAFT)) is None  # once
+    assert [r.request_id for r in b.new_receipts] == ["r"]
+    conserved(b, 1000, W)
+    conserved(b, 1000, C)
+
+
+def test_no_unsettled_receipt_for_a_settled_request_or_from_a_bad_draft() -> None:
+    b = book(wallet=1000)
+    b.apply(HoldOp(ACCT, "r", KEY, W, 100, ttl_s=5, unsettled_receipt=DRAFT))
+    b.apply(SettleOp(ACCT, "r", KEY, W, 40, "settled", {}))
+    b.now = NOW + dt.timedelta(seconds=5)
+    assert b.apply(ExpireHoldOp(ACCT, "r", W, DRAFT)) is None  # captured: nothing to expire
+    assert len(b.new_receipts) == 1 and not b.receipts["r"].unsettled
+    # a draft that is not an object (or absent) still gives a receipt, with the ledger's own id
+    for rid, draft in (("x", "[1]"), ("y", None), ("z", '{"id": "not-a-receipt-id"}')):
+        b.apply(HoldOp(ACCT, rid, KEY, W, 10, ttl_s=5, unsettled_receipt=draft))
+    b.now = NOW + dt.timedelta(seconds=10)
+    for rid in ("x", "y", "z"):
+        b.apply(ExpireHoldOp(ACCT, rid, W, None if rid == "y" else b.holds[(rid, W)].unsettled_receipt))
+        receipt = b.receipts[rid]
+        assert receipt.unsettled and receipt.id.startswith("rcpt_") and receipt.id != "not-a-receipt-id"
+        assert json.loads(receipt.body_json)["key"] == {"id": KEY, "name": "k"}
+    conserved(b, 1000)
+
+
+def test_a_late_settlement_replaces_the_unsettled_receipt() -> None:
+    """The router was only slow: its Settle after the expiry replaces the `failed` receipt
+    (same id) and charges from the available balance; asked again, it is a replay."""
+    b = book(wallet=1000)
+    b.apply(HoldOp(ACCT, "r", KEY, W, 100, ttl_s=5, unsettled_receipt=DRAFT))
+    b.now = NOW + dt.timedelta(seconds=5)
+    b.apply(ExpireHoldOp(ACCT, "r", W, DRAFT))
+    first = b.receipts["r"]
+    settle = SettleOp(ACCT, "r", KEY, W, 80, "settled", {"attempts": [{"n": 1}], "final_attempt": 1},
+                      receipt_id="rcpt_0123456789abcdef01234567")
+    res = b.apply(settle)
+    assert (res.receipt_id, res.amount_nano, res.uncollected_nano, res.replayed) == (first.id, 80, 0, False)
+    late = b.receipts["r"]
+    assert late.replaces and not late.unsettled and late.status == "settled"
+    body = json.loads(late.body_json)
+    assert body["amount"] == "0.00000008" and "error" not in body and body["attempts"] == [{"n": 1}]
+    assert b.apply(settle).replayed
+    with pytest.raises(TFError) as e:
+        b.apply(SettleOp(ACCT, "r", KEY, W, 81, "settled", {}))
+    assert e.value.code == "conflict"
+    assert b.buckets[(ACCT, W)].balance_nano == 920
+
+
 def test_daily_cap_resets_at_utc_midnight() -> None:
     b = book(wallet=10_000, limits=KeyLimitsNano(wallet_daily=500))
     b.apply(HoldOp(ACCT, "a", KEY, W, 500))

@@ -250,20 +250,22 @@ class KeyBalance(_message.Message):
     def __init__(self, balances: _Optional[_Union[_common_pb2.Balances, _Mapping]] = ..., key: _Optional[_Union[Key, _Mapping]] = ..., spent_wallet_nano: _Optional[int] = ..., spent_credit_nano: _Optional[int] = ...) -> None: ...
 
 class HoldRequest(_message.Message):
-    __slots__ = ("request_id", "key_id", "bucket", "amount_nano", "run_id", "ttl_s")
+    __slots__ = ("request_id", "key_id", "bucket", "amount_nano", "run_id", "ttl_s", "unsettled_receipt_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_NANO_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    UNSETTLED_RECEIPT_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     bucket: _common_pb2.Bucket
     amount_nano: int
     run_id: str
     ttl_s: int
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., amount_nano: _Optional[int] = ..., run_id: _Optional[str] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+    unsettled_receipt_json: bytes
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., bucket: _Optional[_Union[_common_pb2.Bucket, str]] = ..., amount_nano: _Optional[int] = ..., run_id: _Optional[str] = ..., ttl_s: _Optional[int] = ..., unsettled_receipt_json: _Optional[bytes] = ...) -> None: ...
 
 class HoldResponse(_message.Message):
     __slots__ = ("hold_id", "amount_nano", "expires_at", "replayed")
