@@ -1005,8 +1005,14 @@ class Book:
             held_nano=held_shown,
             released_nano=released_shown,
             created_at=self.now,
-            replaces=seen is not None,
         )
+        if seen is not None:
+            # Stored: update it in place. Written by an expiry earlier in this same batch: it is
+            # not stored yet, so this one is inserted instead (an UPDATE in the same statement
+            # would not see the row its sibling INSERT adds).
+            fresh = [r for r in self.new_receipts if r is not seen]
+            receipt.replaces = len(fresh) == len(self.new_receipts)
+            self.new_receipts[:] = fresh
         receipt.body_json = _receipt_body(op.receipt, receipt, key, display, holds)
         self.receipts[op.request_id] = receipt
         self.new_receipts.append(receipt)

@@ -180,6 +180,10 @@ def _unsettled_receipt(raw: bytes) -> str | None:
     draft = _json_object(raw, param, MAX_UNSETTLED_RECEIPT_BYTES)
     if b"\\u0000" in raw:  # valid JSON, but a jsonb column cannot hold it
         raise TFError("invalid_request", f"{param} must not contain \\u0000", param)
+    try:
+        orjson.dumps(draft)  # what the reaper will do with it: nesting orjson reads but cannot write
+    except TypeError:
+        raise TFError("invalid_request", f"{param} is nested too deeply", param) from None
     if "id" in draft:
         try:
             if not isinstance(draft["id"], str):
@@ -679,14 +683,32 @@ async def reap_once(pool: asyncpg.Pool, writers: Writers, now: dt.datetime) -> i
     for op, result in zip(ops, results, strict=True):
         if isinstance(result, BaseException):
             log.warning("reaper: %r failed: %r", op, result)
-            if isinstance(op, ExpireHoldOp) and op.unsettled_receipt is not None:
-                # Its draft could not be stored (say its receipt id is taken): expiring the hold
-                # matters more, with a receipt the ledger makes from what it knows.
+            if isinstance(op, ExpireHoldOp) and await _draft_id_taken(pool, op):
+                # Its draft can never be stored: expiring the hold matters more, with a receipt
+                # the ledger makes from what it knows. (Any other failure keeps the draft, and
+                # with it the receipt id a stream announced, for the next round.)
                 try:
                     await writers.submit(dataclasses.replace(op, unsettled_receipt=None))
                 except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
                     log.warning("reaper: expiring %s failed again: %r", op.request_id, exc)
     return len(ops)
+
+
+async def _draft_id_taken(pool: asyncpg.Pool, op: ExpireHoldOp) -> bool:
+    """Whether the receipt id of `op`'s draft belongs to another request's receipt (Hold
+    checked everything else about the draft)."""
+    try:
+        draft = orjson.loads(op.unsettled_receipt) if op.unsettled_receipt else None
+    except ValueError:
+        return True
+    receipt_id = draft.get("id") if isinstance(draft, dict) else None
+    if not isinstance(receipt_id, str):
+        return False
+    try:
+        async with pool.acquire() as conn:
+            return await store.receipt_id_taken(conn, receipt_id, op.request_id)
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+        return False  # the database is away: the next round asks again
 
 
 STATS_EVERY_S = 10.0

@@ -807,6 +807,12 @@ async def expired_holds(conn: asyncpg.Connection, now: dt.datetime, limit: int) 
     )
 
 
+async def receipt_id_taken(conn: asyncpg.Connection, receipt_id: str, request_id: str) -> bool:
+    """Whether another request's receipt has this id."""
+    return bool(await conn.fetchval(
+        "SELECT 1 FROM receipts WHERE id = $1 AND request_id <> $2", receipt_id, request_id))
+
+
 async def expired_runs(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT account_id, id FROM runs

@@ -356,7 +356,7 @@ async def test_a_request_never_settled_gets_the_receipt_drafted_with_its_hold(st
 
 
 @pytest.mark.parametrize("draft", [b"[1]", b"{", b'{"id": 5}', b'{"id": "bogus id"}', b'{"a": "\\u0000"}',
-                                   b'{"a": "' + b"x" * 17000 + b'"}'])
+                                   b'{"a": "' + b"x" * 17000 + b'"}', b'{"a": ' + b"[" * 300 + b"]" * 300 + b"}"])
 async def test_a_bad_unsettled_receipt_is_refused_with_its_hold(stub, draft: bytes) -> None:
     c = await new_customer(stub, wallet_nano=ONE)
     err = await expect_error(

@@ -276,12 +276,14 @@ def test_a_late_settlement_replaces_the_unsettled_receipt() -> None:
     b.now = NOW + dt.timedelta(seconds=5)
     b.apply(ExpireHoldOp(ACCT, "r", W, DRAFT))
     first = b.receipts["r"]
+    b.new_receipts.clear()  # that batch was written
     settle = SettleOp(ACCT, "r", KEY, W, 80, "settled", {"attempts": [{"n": 1}], "final_attempt": 1},
                       receipt_id="rcpt_0123456789abcdef01234567")
     res = b.apply(settle)
     assert (res.receipt_id, res.amount_nano, res.uncollected_nano, res.replayed) == (first.id, 80, 0, False)
     late = b.receipts["r"]
     assert late.replaces and not late.unsettled and late.status == "settled"
+    assert b.new_receipts == [late]  # the store updates the row in place
     body = json.loads(late.body_json)
     assert body["amount"] == "0.00000008" and "error" not in body and body["attempts"] == [{"n": 1}]
     assert b.apply(settle).replayed
@@ -289,6 +291,20 @@ def test_a_late_settlement_replaces_the_unsettled_receipt() -> None:
         b.apply(SettleOp(ACCT, "r", KEY, W, 81, "settled", {}))
     assert e.value.code == "conflict"
     assert b.buckets[(ACCT, W)].balance_nano == 920
+
+
+def test_an_expiry_and_a_late_settlement_in_one_batch_write_one_receipt() -> None:
+    """The reaper's expiry and the late Settle met in one batch: the receipt the expiry wrote
+    is not stored yet, so the settlement's is inserted in its place (an UPDATE would miss it)."""
+    b = book(wallet=1000)
+    b.apply(HoldOp(ACCT, "r", KEY, W, 100, ttl_s=5, unsettled_receipt=DRAFT))
+    b.now = NOW + dt.timedelta(seconds=5)
+    b.apply(ExpireHoldOp(ACCT, "r", W, DRAFT))
+    res = b.apply(SettleOp(ACCT, "r", KEY, W, 80, "settled", {}))
+    assert res.receipt_id == "rcpt_0123456789abcdef01234567" and res.amount_nano == 80
+    [only] = b.new_receipts
+    assert (only.status, only.unsettled, only.replaces, only.amount_nano) == ("settled", False, False, 80)
+    conserved(b, 1000)
 
 
 def test_daily_cap_resets_at_utc_midnight() -> None:
