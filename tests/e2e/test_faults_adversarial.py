@@ -757,3 +757,36 @@ def test_a_frozen_router_does_not_hang_clients(stack: Stack) -> None:
         assert "The router did not answer within 2 s" in o.detail.message, o.detail.message
     check_money(stack, c)
     sanity_after(stack, c)
+
+
+def test_a_router_frozen_past_its_holds_settles_late_under_the_same_receipt_ids(stack: Stack) -> None:
+    """The router is stopped (SIGSTOP) with 8 requests at the upstream for longer than their
+    holds live: the reaper expires the holds and stores each request's drafted `failed`
+    receipt. Continued, the router settles them late, and each receipt is replaced under the
+    same id (the one a stream announced, the one a unary answer names): settled, charged in
+    full from the available balance, one receipt per request, the money right to the nano."""
+    c = new_customer(stack)
+    running = load(c, 8, mix=[("m-slow", False), ("m-slowstream", True)])
+    wait_for_upstream(stack, 8)
+    stack.signal("router", signal.SIGSTOP)
+    try:
+        frozen = wait_until(
+            "the reaper's receipts for the frozen router's requests",
+            lambda: (rs if len(rs := [r for r in all_receipts(stack, c.account_id) if unsettled(r)]) == 8 else None),
+            timeout_s=HOLD_TTL_S + 15, every_s=0.1)
+    finally:
+        stack.signal("router", signal.SIGCONT)
+    for r in frozen:
+        assert (r["status"], r["amount"], r["attempts"]) == ("failed", "0", []), r
+    outcomes = running.result(timeout=60)
+    receipts = check_money(stack, c)
+    assert sorted(r["id"] for r in receipts) == sorted(r["id"] for r in frozen), "one receipt per request, same ids"
+    by_id = {r["id"]: r for r in receipts}
+    for o in outcomes:
+        assert o.kind == "ok", o
+        r = by_id[o.receipt_id]
+        assert r["status"] == "settled" and "error" not in r and r["usage_source"] == "upstream", r
+        assert Decimal(r["amount"]) == price(r["usage"], "1.20", "4.80") > 0 and r["uncollected"] == "0", r
+        assert {h["state"] for h in r["holds"]} == {"expired"}, r  # charged from the balance, not a hold
+    check_attempts_match_upstream(stack, receipts)
+    sanity_after(stack, c)
