@@ -29,6 +29,23 @@ class RunningStack:
     data_dir: pathlib.Path
     lines: list[str] = field(default_factory=list)
     started_s: float = 0.0
+    more: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def wait_for_line(self, needle: str, timeout_s: float = 60.0) -> str:
+        """The next line `up` prints (stdout or stderr) that holds `needle`, within a bound."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self.more.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"`up` printed no line with {needle!r} within {timeout_s:g} s; "
+                                     "it printed:\n" + "\n".join(self.lines)) from None
+            if line is None:
+                raise AssertionError(f"`up` exited ({self.proc.wait()}) before printing {needle!r}:\n"
+                                     + "\n".join(self.lines))
+            self.lines.append(line)
+            if needle in line:
+                return line
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {self.admin_token}"}, timeout=30)
@@ -88,4 +105,4 @@ def start_stack(data_dir: pathlib.Path, *, catalog: pathlib.Path | None = None,
             token = line.removeprefix("admin token: ").strip()
         elif line.startswith("router gRPC: "):
             router = line.removeprefix("router gRPC: ").strip()
-    return RunningStack(proc, url, token, data_dir, seen, time.monotonic() - started)
+    return RunningStack(proc, url, token, data_dir, seen, time.monotonic() - started, lines)

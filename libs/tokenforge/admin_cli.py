@@ -254,6 +254,9 @@ def receipt_text(r: dict[str, Any]) -> str:
     fb = r.get("fallback") or {}
     if fb.get("used"):
         lines.append(f"fallback from {fb['primary_channel']}: primary would have cost {fb['primary_price_amount']} {fb['primary_unit']}, extra {fb['extra_cost']}")
+    error = r.get("error")
+    if isinstance(error, dict):  # why the request has no charge of its own (e.g. `unsettled`)
+        lines.append(f"error {error.get('code') or '-'}: {error.get('message') or ''}")
     return "\n".join(lines)
 
 

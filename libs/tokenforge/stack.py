@@ -4,8 +4,11 @@ PostgreSQL (embedded, unless TF_DATABASE_URL is set), then the simulator, ledger
 router and edge as child processes on loopback. Internal ports are picked free so two stacks
 run side by side; only the edge's port is fixed, and `up` refuses to start when it is taken.
 A child is ready when it is alive, itself listens on its port and answers there, so another
-program on the same port cannot pass for it. Ctrl-C or SIGTERM stops every child, then
-PostgreSQL, and leaves no process behind. Children also get SIGTERM if `up` itself dies.
+program on the same port cannot pass for it. A child that dies while the stack runs is
+started again on the same port, at most RESTART_LIMIT times in RESTART_WINDOW_S for each
+service; one that keeps dying, or does not come back healthy, stops the stack (exit 1).
+Ctrl-C or SIGTERM stops every child, then PostgreSQL, and leaves no process behind.
+Children also get SIGTERM if `up` itself dies.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +43,9 @@ STOP_WAVES = (("edge",), ("router",), ("metering", "ledger", "sim-upstream"))
 PR_SET_PDEATHSIG = 1
 LOCK_FILE = "up.lock"
 INTERNAL_PORTS = ("ledger", "metering", "router", "sim-upstream")
+# A crash-looping service is not hidden: its sixth death within a minute stops the stack.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
 
 
 @dataclass
@@ -46,6 +53,38 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: pathlib.Path
+
+
+class RestartBudget:
+    """How many times one service may be started again: at most `limit` restarts within
+    any `window_s`. Times are the caller's monotonic seconds, so it is tested without a clock."""
+
+    def __init__(self, limit: int = RESTART_LIMIT, window_s: float = RESTART_WINDOW_S) -> None:
+        assert limit >= 0 and window_s > 0
+        self.limit = limit
+        self.window_s = window_s
+        self._restarts_s: deque[float] = deque(maxlen=limit + 1)
+
+    def take(self, now_s: float) -> bool:
+        """Spend one restart at `now_s`; False when the window's are all spent."""
+        while self._restarts_s and now_s - self._restarts_s[0] >= self.window_s:
+            self._restarts_s.popleft()
+        if len(self._restarts_s) >= self.limit:
+            return False
+        self._restarts_s.append(now_s)
+        return True
+
+    def used(self) -> int:
+        return len(self._restarts_s)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def free_port() -> int:
@@ -148,6 +187,7 @@ class Stack:
         self.children: list[Child] = []
         self.pg = None
         self.stopping = threading.Event()
+        self.env: dict[str, str] = {}
         self._lock_fd: int | None = None
 
     def _env(self, ports: dict[str, int]) -> dict[str, str]:
@@ -205,22 +245,36 @@ class Stack:
 
             self.pg = start_embedded(self.data_dir / "pg")
             env["TF_DATABASE_URL"] = self.pg.url
+        self.env = env
         for name in START_ORDER:
-            log_path = self.data_dir / "logs" / f"{name}.log"
-            log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tokenforge.cli", "serve", name],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-            log_file.close()
-            self.children.append(Child(name, proc, log_path))
+            self.children.append(self._spawn(name))
         return env
 
-    def wait_healthy(self, env: dict[str, str], timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    def _spawn(self, name: str) -> Child:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenforge.cli", "serve", name],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        log_file.close()
+        return Child(name, proc, log_path)
+
+    def restart(self, dead: Child) -> Child:
+        """Start `dead`'s service again on its port and wait until it is healthy. Its log
+        goes on in the same file. Raises SystemExit when it does not come back."""
+        assert dead.proc.poll() is not None
+        child = self._spawn(dead.name)
+        self.children[self.children.index(dead)] = child
+        self.wait_healthy(self.env, only=[child])
+        return child
+
+    def wait_healthy(self, env: dict[str, str], timeout_s: float = HEALTH_TIMEOUT_S,
+                     only: list[Child] | None = None) -> None:
         probes: dict[str, Callable[[], bool]] = {
             "sim-upstream": lambda: _http_healthy(f"{env['TF_SIM_URL']}/health"),
             "ledger": lambda: _grpc_healthy(env["TF_LEDGER_ADDR"]),
@@ -228,14 +282,14 @@ class Stack:
             "router": lambda: _grpc_healthy(env["TF_ROUTER_ADDR"]),
             "edge": lambda: _http_healthy(f"http://127.0.0.1:{self.http_port}/health"),
         }
-        pending = {c.name: c for c in self.children}
+        pending = {c.name: c for c in (self.children if only is None else only)}
         deadline = time.monotonic() + timeout_s
         while pending:
             for name, child in list(pending.items()):
                 code = child.proc.poll()
                 if code is not None:
                     tail = child.log_path.read_text(errors="replace")[-2000:]
-                    raise SystemExit(f"tokenforge up: {name} exited with code {code} while starting:\n{tail}")
+                    raise SystemExit(f"tokenforge up: {name} {describe_exit(code)} while starting:\n{tail}")
                 # Ours only if the child itself listens there: another stack's edge on a taken
                 # port answers /health too.
                 if listens_on(child.proc.pid, self.ports[name]) and probes[name]():
@@ -294,16 +348,13 @@ def up(*, catalog: str | None, data_dir: str, http_port: int) -> int:
         print(f"logs: {stack.data_dir / 'logs'}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         return_code = 0
+        budgets = {c.name: RestartBudget() for c in stack.children}
         while not stack.stopping.wait(0.5):
             if not stack.database_alive():
                 print("tokenforge up: PostgreSQL stopped; stopping", file=sys.stderr, flush=True)
                 return_code = 1
                 break
-            dead = [c for c in stack.children if c.proc.poll() is not None]
-            if dead:
-                for child in dead:
-                    print(f"tokenforge up: {child.name} exited with code {child.proc.returncode}; "
-                          f"stopping (see {child.log_path})", file=sys.stderr, flush=True)
+            if not _restart_the_dead(stack, budgets):
                 return_code = 1
                 break
     except SystemExit as exc:
@@ -315,3 +366,29 @@ def up(*, catalog: str | None, data_dir: str, http_port: int) -> int:
     if started_something:  # not after a refusal (another up holds the data folder)
         print("tokenforge stopped", flush=True)
     return return_code
+
+
+def _restart_the_dead(stack: Stack, budgets: dict[str, RestartBudget]) -> bool:
+    """Start again each child that died, within its budget. False when one is out of
+    restarts or did not come back healthy: the stack stops."""
+    for child in [c for c in stack.children if c.proc.poll() is not None]:
+        budget = budgets[child.name]
+        how = describe_exit(child.proc.returncode)
+        if not budget.take(time.monotonic()):
+            print(f"tokenforge up: {child.name} {how} again, after {budget.limit} restarts within "
+                  f"{budget.window_s:.0f} s; stopping (see {child.log_path})", file=sys.stderr, flush=True)
+            return False
+        print(f"tokenforge up: {child.name} {how}; restarting it ({budget.used()} of at most "
+              f"{budget.limit} restarts within {budget.window_s:.0f} s; see {child.log_path})",
+              file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            fresh = stack.restart(child)
+        except SystemExit as exc:
+            if stack.stopping.is_set():
+                return True  # Ctrl-C while it was starting: a clean stop, not a failure
+            print(exc, file=sys.stderr, flush=True)
+            return False
+        print(f"tokenforge up: {child.name} is back in {time.monotonic() - started:.1f} s "
+              f"(pid {fresh.proc.pid})", file=sys.stderr, flush=True)
+    return True

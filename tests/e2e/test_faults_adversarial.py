@@ -527,6 +527,13 @@ def test_router_kill_9_with_32_requests_in_flight(stack: Stack) -> None:
     for o in outcomes:
         if o.kind == "stream_error":  # cut by the kill, after its receipt id was announced
             assert o.receipt_id in by_reaper, o
+    # and the terminal receipt says why it charged nothing
+    one = by_id[min(by_reaper)]
+    shown = subprocess.run([sys.executable, "-m", "tokenforge.cli", "receipt", one["id"], "--url", stack.url,
+                            "--admin-token", ADMIN_TOKEN], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"receipt {one['id']}  failed" in shown.stdout
+    assert f"error unsettled: {one['error']['message']}" in shown.stdout
 
 
 def test_router_sigterm_mid_stream(stack: Stack) -> None:

@@ -74,6 +74,52 @@ def test_up_stops_when_its_postgres_dies(tmp_path) -> None:
     assert stack.proc.wait(30) == 1  # noticed within its 0.5 s watch, then stopped everything
 
 
+def test_up_restarts_a_killed_service_on_its_port_and_the_stack_serves_again(tmp_path) -> None:
+    """kill -9 the router (then the edge) under `up`: each comes back on its own port, `up`
+    says so, and a paid request goes through and is settled afterwards."""
+    import os
+    import signal
+
+    import openai
+
+    stack = start_stack(tmp_path / "data")
+    try:
+        with stack.admin() as admin:
+            acct = admin.post("/admin/v1/accounts", json={"name": "survivor"}).json()
+            admin.post(f"/admin/v1/accounts/{acct['id']}/topups",
+                       json={"bucket": "wallet", "amount": "1.00", "idempotency_key": uuid.uuid4().hex}).raise_for_status()
+            key = admin.post("/admin/v1/keys", json={"account_id": acct["id"], "name": "k",
+                                                     "route_policy": "routed"}).json()["key"]
+        for name in ("router", "edge"):
+            victim = _service_child(stack, name)
+            os.kill(victim.pid, signal.SIGKILL)
+            line = stack.wait_for_line(f"{name} was killed by SIGKILL; restarting it")
+            assert "1 of at most 5 restarts within 60 s" in line
+            stack.wait_for_line(f"{name} is back in")
+            assert _service_child(stack, name).pid != victim.pid
+        client = openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "still there?"}], max_tokens=8)
+        assert raw.http_response.status_code == 200
+        receipt_id = raw.headers["x-tf-receipt-id"]
+        with stack.admin() as admin:
+            receipt = admin.get(f"/admin/v1/receipts/{receipt_id}").json()
+        assert receipt["status"] == "settled" and receipt["amount"] == raw.headers["x-tf-amount"]
+        assert stack.proc.poll() is None  # still up
+    finally:
+        assert stack.stop() == 0
+
+
+def _service_child(stack, name: str) -> psutil.Process:
+    for p in stack.children():
+        try:
+            if p.cmdline()[-2:] == ["serve", name]:
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no `serve {name}` child under `up`")
+
+
 def test_a_second_up_on_the_same_data_dir_is_refused_and_harms_nothing(tmp_path) -> None:
     import subprocess
     import sys
