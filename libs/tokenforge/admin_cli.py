@@ -229,6 +229,35 @@ def run_admin(ns: argparse.Namespace) -> int:
     return 0
 
 
+_ATTEMPT_COLUMNS = (  # (header, field, right-aligned)
+    ("#", "n", True), ("channel", "channel", False), ("role", "role", False),
+    ("route", "route", False), ("upstream model", "upstream_model", False),
+    ("outcome", "outcome", False), ("ms", "duration_ms", True), ("charged", "charged", True),
+)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _attempt_rows(attempts: list[dict[str, Any]]) -> list[str]:
+    """The attempt chain as a table whose columns are as wide as their longest cell, so a
+    long channel or upstream model name does not push the rest out of line."""
+    cells = [[_cell(a.get(field)) for _, field, _ in _ATTEMPT_COLUMNS] for a in attempts]
+    widths = [max([len(head)] + [len(row[i]) for row in cells]) for i, (head, _, _) in enumerate(_ATTEMPT_COLUMNS)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if right else v.ljust(w)
+                        for v, w, (_, _, right) in zip(values, widths, _ATTEMPT_COLUMNS, strict=True)).rstrip()
+
+    rows = [line([head for head, _, _ in _ATTEMPT_COLUMNS])]
+    for a, row in zip(attempts, cells, strict=True):
+        rows.append(line(row))
+        if a.get("error"):
+            rows.append(f"   └ {a['error']}")
+    return rows
+
+
 def receipt_text(r: dict[str, Any]) -> str:
     lines = [
         f"receipt {r['id']}  {r['status']}  {r.get('created_at', '')}",
@@ -237,11 +266,7 @@ def receipt_text(r: dict[str, Any]) -> str:
     ]
     if r.get("run"):
         lines.append(f"run {r['run']['id']}  step {r['run'].get('step') or '-'}")
-    lines.append(f"{'#':>2} {'channel':16} {'role':8} {'route':7} {'upstream model':28} {'outcome':17} {'ms':>7} {'charged':>14}")
-    for a in r["attempts"]:
-        lines.append(f"{a['n']:>2} {a['channel']:16} {a['role']:8} {a['route']:7} {a['upstream_model']:28} {a['outcome']:17} {a['duration_ms'] or 0:>7} {a['charged']:>14}")
-        if a.get("error"):
-            lines.append(f"   └ {a['error']}")
+    lines.extend(_attempt_rows(r["attempts"]))
     u = r.get("usage")
     if u:
         lines.append(f"tokens in {u['input_tokens']} (cached {u['cached_input_tokens']}) out {u['output_tokens']}  [{r.get('usage_source') or 'upstream'}]")

@@ -75,3 +75,17 @@ class Settings:
             db_pool_size=_int(e, "TF_DB_POOL_SIZE", 8),
             router_grace_s=_float(e, "TF_EDGE_ROUTER_GRACE_S", 60.0),
         )
+
+    def warnings(self) -> list[str]:
+        """Settings that work but may cost someone money; `up` prints them where the operator
+        looks (its terminal), the ledger logs them."""
+        found = []
+        # The router asks for holds that outlive the request's deadline by a minute, time to
+        # rate and settle through a restart of metering or the ledger. A shorter cap lets a
+        # hold expire first; the late settlement then takes what the balance allows and
+        # records the rest as uncollected.
+        if self.hold_ttl_max_s < self.request_deadline_s + 60:
+            found.append(f"TF_HOLD_TTL_MAX_S ({self.hold_ttl_max_s} s) is shorter than TF_REQUEST_DEADLINE_S + 60 s "
+                         f"({self.request_deadline_s + 60:g} s): a hold may expire before its request settles, "
+                         "and what the balance cannot cover then is recorded as uncollected")
+        return found

@@ -35,6 +35,7 @@ import psutil
 
 from tokenforge import GRPC_EXPERIMENTS
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
+from tokenforge.config import Settings
 
 HEALTH_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -230,6 +231,14 @@ class Stack:
             self._lock_fd = None
 
     def start(self) -> dict[str, str]:
+        # The services read these TF_* values too; a malformed one stops us here, before
+        # anything starts, and said on the terminal rather than in a service's log.
+        try:
+            settings = Settings.from_env(dict(os.environ))
+        except SystemExit as exc:
+            raise SystemExit(f"tokenforge up: {exc}") from None
+        for warning in settings.warnings():
+            print(f"tokenforge up: warning: {warning}", file=sys.stderr, flush=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
         self.ports = reserve_ports(self.http_port)  # before anything starts: a taken port stops us here

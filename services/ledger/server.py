@@ -768,13 +768,8 @@ async def _main(settings: Settings) -> int:
         hold_ttl_max_s=settings.hold_ttl_max_s,
         run_ttl_s=max(settings.hold_ttl_max_s, settings.hold_ttl_s),
     )
-    # The router asks for holds that outlive the request's deadline by a minute, time to rate
-    # and settle through a restart of metering or the ledger. A shorter cap lets a hold expire
-    # first; the late settlement then takes what the balance allows and records the rest as
-    # uncollected.
-    if settings.hold_ttl_max_s < settings.request_deadline_s + 60:
-        log.warning("TF_HOLD_TTL_MAX_S (%d s) is shorter than TF_REQUEST_DEADLINE_S + 60 s (%g s): a hold may "
-                    "expire before its request settles", settings.hold_ttl_max_s, settings.request_deadline_s + 60)
+    for warning in settings.warnings():
+        log.warning("%s", warning)
     try:
         conn = await asyncpg.connect(settings.database_url)
     except (OSError, asyncpg.PostgresError) as exc:

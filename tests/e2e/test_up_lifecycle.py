@@ -201,3 +201,26 @@ def test_readiness_is_not_fooled_by_another_program_answering_on_the_edge_port(t
         silent.wait()
         foreign.shutdown()
         foreign.server_close()
+
+
+def test_a_malformed_setting_is_refused_on_the_terminal_before_anything_starts(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "data"
+    env = dict(os.environ, TF_REQUEST_DEADLINE_S="two minutes")
+    done = subprocess.run([sys.executable, "-m", "tokenforge.cli", "up", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert "tokenforge up: TF_REQUEST_DEADLINE_S must be a number, got 'two minutes'" in done.stderr
+    assert "tokenforge is up" not in done.stdout
+    assert not data_dir.exists()  # no folder, no PostgreSQL, no token
+
+
+def test_a_risky_setting_is_a_warning_on_the_terminal_and_the_stack_still_starts(tmp_path) -> None:
+    stack = start_stack(tmp_path / "data", env={"TF_HOLD_TTL_MAX_S": "90", "TF_REQUEST_DEADLINE_S": "60"})
+    try:
+        assert "tokenforge up: warning: TF_HOLD_TTL_MAX_S (90 s) is shorter than" in "\n".join(stack.lines)
+    finally:
+        assert stack.stop() == 0
