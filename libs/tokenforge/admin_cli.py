@@ -258,6 +258,14 @@ def _attempt_rows(attempts: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _fallback_line(fb: dict[str, Any]) -> str:
+    if fb.get("primary_price_amount") is None:  # nothing was rated: no answer to compare
+        return f"fallback from {fb['primary_channel']}: a backup was tried; no answer was priced"
+    extra = fb.get("extra_cost")
+    return (f"fallback from {fb['primary_channel']}: primary would have cost {fb['primary_price_amount']} "
+            f"{fb['primary_unit']}, extra " + (extra if extra is not None else "n/a (paid in another unit)"))
+
+
 def receipt_text(r: dict[str, Any]) -> str:
     lines = [
         f"receipt {r['id']}  {r['status']}  {r.get('created_at', '')}",
@@ -278,7 +286,7 @@ def receipt_text(r: dict[str, Any]) -> str:
         lines.append(f"refunded {r['refunded']} {r.get('unit') or ''}")
     fb = r.get("fallback") or {}
     if fb.get("used"):
-        lines.append(f"fallback from {fb['primary_channel']}: primary would have cost {fb['primary_price_amount']} {fb['primary_unit']}, extra {fb['extra_cost']}")
+        lines.append(_fallback_line(fb))
     error = r.get("error")
     if isinstance(error, dict):  # why the request has no charge of its own (e.g. `unsettled`)
         lines.append(f"error {error.get('code') or '-'}: {error.get('message') or ''}")

@@ -47,7 +47,10 @@ def build_draft(
     status: str,
     primary: ModelChannel,
     done: Done | None,
+    error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`error` says why a receipt charged less than a whole answer (`failed`, `partial`,
+    `cancelled`): the error the client got, or what ended the request."""
     primary_unit = primary.channel.bucket.unit
     draft: dict[str, Any] = {
         "trace_id": trace_id,
@@ -64,6 +67,7 @@ def build_draft(
         "usage": None,
         "usage_source": None,
         "price": None,
+        "error": error,
     }
     if done is None:
         draft["fallback"] = {

@@ -68,6 +68,16 @@ SETTLE_BACKOFF_CAP_S = 2.0
 # metering is unavailable (restarting): pure calls, safe to repeat. Rating plus settling
 # stays inside the hold's margin (HOLD_MARGIN_S).
 RATE_RETRY_S = 15.0
+# What a `cancelled` receipt says ended the request (its `error`).
+CLIENT_LEFT_BEFORE_ANSWER = {
+    "code": "cancelled", "message": "The client went away before an answer; nothing was charged."}
+CLIENT_LEFT_DURING_STREAM = {
+    "code": "cancelled", "message": "The client went away during the stream; charged for the output generated until then."}
+
+
+def receipt_error(err: TFError) -> dict[str, str]:
+    """A receipt's `error`: the error the client got."""
+    return {"code": err.code, "message": err.message}
 
 
 def check_run_fields(run_id: str, run_step: str) -> None:
@@ -481,7 +491,7 @@ class Router:
         draft["id"] = t.receipt_id
         return jsonfast.dumps(draft)
 
-    def _receipt_draft(self, t: Ticket, status: str, done: Done | None) -> dict[str, Any]:
+    def _receipt_draft(self, t: Ticket, status: str, done: Done | None, error: dict[str, str] | None) -> dict[str, Any]:
         ctx = t.span.get_span_context()
         return build_draft(
             attempts=[attempt_spans.attempt_from_span(s) for s in self.collector.take(ctx.span_id)],
@@ -494,10 +504,13 @@ class Router:
             status=status,
             primary=t.eligible[0].channel,
             done=done,
+            error=error,
         )
 
-    async def _settle(self, t: Ticket, status: str, done: Done | None) -> router_pb2.Settlement:
-        draft = self._receipt_draft(t, status, done)
+    async def _settle(
+        self, t: Ticket, status: str, done: Done | None, error: dict[str, str] | None = None
+    ) -> router_pb2.Settlement:
+        draft = self._receipt_draft(t, status, done, error)
         bucket = done.rated.bucket if done else None
         request = ledger_pb2.SettleRequest(
             request_id=t.request_id,
@@ -557,7 +570,6 @@ class Router:
     async def _settle_failure(self, t: Ticket, exc: BaseException) -> TFError:
         """All attempts failed (or the upstream refused the request): a `failed` receipt,
         nothing charged, and the error the client gets."""
-        settlement = await self._settle(t, "failed", None)
         if isinstance(exc, AttemptFailed) and exc.client_fault:
             err = TFError("invalid_request", f"The upstream rejected the request: {exc.error}", None)
         elif isinstance(exc, AllFailed) and exc.all_timeouts:
@@ -565,6 +577,7 @@ class Router:
         else:
             last = exc.last.error if isinstance(exc, AllFailed) and exc.last else "no channel could be tried"
             err = TFError("upstream_error", f"Every eligible channel failed ({t.attempts} attempts); last: {last}. The receipt lists them.")
+        settlement = await self._settle(t, "failed", None, receipt_error(err))
         err.receipt_id = settlement.receipt_id
         err.attempts = t.attempts
         return err
@@ -595,7 +608,7 @@ class Router:
                     pass  # refused: nothing was held by that call
             if not t.holds:
                 return  # it went away before any money was held: nothing to settle
-            await self._settle(t, "cancelled", None)
+            await self._settle(t, "cancelled", None, CLIENT_LEFT_BEFORE_ANSWER)
         except Exception:
             log.exception("settling abandoned request %s failed; its holds expire on their own", t.request_id)
         finally:
@@ -617,7 +630,7 @@ class Router:
             # an upstream answered): the client gets that error, and the receipt is `failed`,
             # nothing charged. (A caller that went away is `cancelled`, below.)
             try:
-                settlement = await self._shielded(self._settle(t, "failed", None))
+                settlement = await self._shielded(self._settle(t, "failed", None, receipt_error(err)))
             except TFError:
                 log.warning("settling failed request %s: the ledger did not answer; its holds expire",
                             t.request_id)
@@ -704,11 +717,14 @@ class Router:
             if self.stopping and state.text():
                 status = "partial"
                 state.broken = "the router shut down before the stream ended"
-            self._in_background(self._finish_stream(t, el, n, span, upstream, state, status))
+            ended = ({"code": "upstream_error", "message": f"The stream ended early: {state.broken}"}
+                     if status == "partial" else CLIENT_LEFT_DURING_STREAM)
+            self._in_background(self._finish_stream(t, el, n, span, upstream, state, status, ended))
             raise
         if state.broken is not None:
             error = TFError("upstream_error", f"The upstream stream broke after output began: {state.broken}")
-            settling = self._in_background(self._finish_stream(t, el, n, span, upstream, state, "partial"))
+            settling = self._in_background(self._finish_stream(t, el, n, span, upstream, state, "partial",
+                                                             receipt_error(error)))
             yield router_pb2.ChatCompletionChunk(error_json=json.dumps(error.openai_body()).encode())
             settlement = await asyncio.shield(settling)
         else:
@@ -739,7 +755,8 @@ class Router:
         return usage, source, Done(el, n, rated)
 
     async def _finish_stream(
-        self, t: Ticket, el: Eligible, n: int, span: Span, upstream: OpenStream, state: StreamState, status: str
+        self, t: Ticket, el: Eligible, n: int, span: Span, upstream: OpenStream, state: StreamState, status: str,
+        error: dict[str, str] | None = None,
     ) -> router_pb2.Settlement:
         try:
             await upstream.aclose()
@@ -758,7 +775,7 @@ class Router:
                 error=state.broken if status == "partial" else ("client went away" if status == "cancelled" else None),
             )
             span.end()
-            return await self._settle(t, status, done)
+            return await self._settle(t, status, done, error)
         finally:
             if span.is_recording():
                 span.end()

@@ -29,6 +29,7 @@ def test_primary_timeout_falls_back_and_charges_the_backup_once(customer: Custom
     assert r["final_attempt"] == 2
     primary = cost(usage, "1.00", "2.00")
     assert (r["fallback"]["used"], r["fallback"]["primary_channel"], r["fallback"]["primary_unit"]) == (True, "slow-a", "CNY")
+    assert r["error"] is None  # settled: a whole answer
     assert Decimal(r["fallback"]["primary_price_amount"]) == primary
     assert Decimal(r["fallback"]["extra_cost"]) == expected - primary
     assert customer.wallet() == Decimal("10.00") - expected
@@ -71,6 +72,8 @@ def test_all_channels_failing_is_502_with_a_failed_receipt_and_nothing_charged(c
     assert [(a["channel"], a["role"], a["http_status"]) for a in r["attempts"]] == [
         ("cheap-a", "primary", 500), ("cheap-a", "primary", 500), ("cheap-b", "backup", 503), ("cheap-b", "backup", 503)]
     assert r["final_attempt"] == 4
+    assert r["error"] == {"code": "upstream_error", "message": err.body["message"]}  # what the client got
+    assert r["fallback"]["used"] is True and r["fallback"]["primary_price_amount"] is None  # a backup was tried
     assert all(a["charged"] == "0" for a in r["attempts"])
     assert Decimal(r["amount"]) == 0 and Decimal(r["released"]) == Decimal(r["held"]) > 0
     assert customer.balance() == before
@@ -85,6 +88,7 @@ def test_upstream_400_is_not_retried_and_reaches_the_client(customer: Customer) 
     r = receipt(customer, info.value.response.headers["x-tf-receipt-id"])
     assert [(a["channel"], a["outcome"], a["http_status"]) for a in r["attempts"]] == [("cheap-a", "http_error", 400)]
     assert r["status"] == "failed"
+    assert r["error"] == {"code": "invalid_request", "message": info.value.body["message"]}
     assert customer.balance() == before
 
 
@@ -207,6 +211,7 @@ def test_client_disconnect_mid_stream_is_cancelled_and_charged_for_what_was_gene
                 break  # the client goes away mid-stream
     r = wait_receipt(customer, receipt_id)
     assert r["status"] == "cancelled"
+    assert r["error"]["code"] == "cancelled" and "during the stream" in r["error"]["message"]
     a = r["attempts"][0]
     assert a["outcome"] == "cancelled" and a["upstream_may_bill"] is True
     # Cancelled within about a second of the disconnect: far fewer than the 60 chunks at 150 ms.
@@ -229,6 +234,7 @@ def test_stream_broken_by_the_upstream_is_partial(customer: Customer) -> None:
     assert len([x for x in contents if x]) == 3
     r = receipt(customer, receipt_id)
     assert r["status"] == "partial"
+    assert r["error"] == {"code": "upstream_error", "message": json.loads(events[-1])["error"]["message"]}
     assert [(a["channel"], a["outcome"]) for a in r["attempts"]] == [("cheap-a", "stream_error")]  # no retry after output
     assert r["usage"]["output_tokens"] == 3 and r["usage_source"] == "estimated"
     assert Decimal(r["amount"]) == cost(r["usage"], "1.20", "4.80")

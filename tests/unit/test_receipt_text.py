@@ -45,3 +45,23 @@ def test_a_missing_duration_and_model_print_a_dash():
     text = receipt_text(_receipt([_attempt(1, "cheap-a", "", "connect_error", "0", None)]))
     row = text.splitlines()[4]
     assert row.split() == ["1", "cheap-a", "primary", "routed", "-", "connect_error", "-", "0"]
+
+
+def test_the_fallback_line_never_prints_none():
+    crossed = _receipt([_attempt(1, "cheap-a", "m", "timeout", "0", 10), _attempt(2, "official", "m", "success", "0.00001575", 5)])
+    crossed["fallback"] = {"used": True, "primary_channel": "cheap-a", "primary_unit": "CNY",
+                           "primary_price_amount": "0.000056", "extra_cost": None}
+    line = next(x for x in receipt_text(crossed).splitlines() if x.startswith("fallback"))
+    assert line == "fallback from cheap-a: primary would have cost 0.000056 CNY, extra n/a (paid in another unit)"
+
+    failed = _receipt([_attempt(1, "cheap-a", "m", "http_error", "0", 3), _attempt(2, "cheap-b", "m", "http_error", "0", 3)])
+    failed["fallback"] = {"used": True, "primary_channel": "cheap-a", "primary_unit": "CNY",
+                          "primary_price_amount": None, "extra_cost": None}
+    text = receipt_text(failed)
+    assert "None" not in text
+    assert "fallback from cheap-a: a backup was tried; no answer was priced" in text
+
+    same = _receipt([_attempt(2, "cheap-b", "m", "success", "0.002880", 5)])
+    same["fallback"] = {"used": True, "primary_channel": "cheap-a", "primary_unit": "CNY",
+                        "primary_price_amount": "0.002160", "extra_cost": "0.000720"}
+    assert "fallback from cheap-a: primary would have cost 0.002160 CNY, extra 0.000720" in receipt_text(same)
