@@ -25,3 +25,24 @@ def test_a_malformed_value_names_its_variable(name, value, says):
     with pytest.raises(SystemExit) as exc:
         Settings.from_env({name: value})
     assert str(exc.value) == says
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("TF_REQUEST_DEADLINE_S", "-1", "TF_REQUEST_DEADLINE_S must be more than 0, got -1"),
+    ("TF_REQUEST_DEADLINE_S", "0", "TF_REQUEST_DEADLINE_S must be more than 0, got 0"),
+    ("TF_REQUEST_DEADLINE_S", "nan", "TF_REQUEST_DEADLINE_S must be a finite number, got 'nan'"),
+    ("TF_HOLD_TTL_S", "0", "TF_HOLD_TTL_S must be at least 1, got 0"),
+    ("TF_EDGE_PORT", "70000", "TF_EDGE_PORT must be from 1 to 65535, got 70000"),
+    ("TF_DB_POOL_SIZE", "0", "TF_DB_POOL_SIZE must be at least 1, got 0"),
+    ("TF_KEY_CACHE_TTL_S", "-0.5", "TF_KEY_CACHE_TTL_S must be at least 0, got -0.5"),
+    ("TF_MAX_BODY_BYTES", "10", "TF_MAX_BODY_BYTES must be at least 1024, got 10"),
+])
+def test_a_value_out_of_range_is_refused_with_its_range(name, value, says):
+    with pytest.raises(SystemExit) as exc:
+        Settings.from_env({name: value})
+    assert str(exc.value) == says
+
+
+def test_edge_values_in_range_are_taken():
+    s = Settings.from_env({"TF_KEY_CACHE_TTL_S": "0", "TF_REQUEST_DEADLINE_S": "0.5", "TF_EDGE_PORT": "65535"})
+    assert (s.key_cache_ttl_s, s.request_deadline_s, s.edge_port) == (0.0, 0.5, 65535)
