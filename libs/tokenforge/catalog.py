@@ -7,6 +7,7 @@ the simulator that `tokenforge up` starts on a free port through `${TF_SIM_URL}`
 
 from __future__ import annotations
 
+import difflib
 import os
 import pathlib
 import re
@@ -22,6 +23,13 @@ ROUTES = ("routed", "direct")
 DEFAULT_OUTPUT_CAP_TOKENS = 4096
 MAX_RETRIES = 10
 MAX_TIMEOUT_S = 600
+# The fields each entry may have (SPEC §3); anything else is refused, with a suggestion.
+TOP_FIELDS = ("channels", "models")
+CHANNEL_FIELDS = ("id", "route", "base_url", "api_key_env", "timeout_s", "retries")
+MODEL_FIELDS = ("name", "channels", "max_output_tokens", "encoding")
+ENTRY_FIELDS = ("channel", "upstream_model", "price")
+PRICE_FIELDS = ("input", "output", "cached_input")
+SECRET_FIELDS = frozenset({"api_key", "apikey", "key", "secret", "token", "password", "authorization"})
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -107,8 +115,12 @@ def load_catalog(path: str | os.PathLike[str], env: dict[str, str] | None = None
 def parse_catalog(data: Any, *, source: str, env: Any) -> Catalog:
     if not isinstance(data, dict):
         raise CatalogError(f"{source}: the catalog must be a mapping with `channels` and `models`")
+    _only_known(data, TOP_FIELDS, f"{source}: top level")
     raw_channels = _require(data, "channels", list, f"{source}: top level")
     raw_models = _require(data, "models", list, f"{source}: top level")
+    if not raw_models:
+        raise CatalogError(f"{source}: top level: field `models`: needs at least one model (a gateway with "
+                           "nothing to sell would answer every request with 404)")
 
     channels: dict[str, Channel] = {}
     for index, raw in enumerate(raw_channels):
@@ -117,6 +129,7 @@ def parse_catalog(data: Any, *, source: str, env: Any) -> Catalog:
             raise CatalogError(f"{where}: must be a mapping")
         cid = _require(raw, "id", str, where)
         where = f"{source}: channel {cid!r}"
+        _only_known(raw, CHANNEL_FIELDS, where)
         if cid in channels:
             raise CatalogError(f"{where}: field `id`: duplicate channel id")
         route = _require(raw, "route", str, where)
@@ -141,6 +154,7 @@ def parse_catalog(data: Any, *, source: str, env: Any) -> Catalog:
             raise CatalogError(f"{where}: must be a mapping")
         name = _require(raw, "name", str, where)
         where = f"{source}: model {name!r}"
+        _only_known(raw, MODEL_FIELDS, where)
         if name in models:
             raise CatalogError(f"{where}: field `name`: duplicate model name")
         cap = raw.get("max_output_tokens", DEFAULT_OUTPUT_CAP_TOKENS)
@@ -158,6 +172,7 @@ def parse_catalog(data: Any, *, source: str, env: Any) -> Catalog:
             cwhere = f"{where}, channels[{cindex}]"
             if not isinstance(entry, dict):
                 raise CatalogError(f"{cwhere}: must be a mapping")
+            _only_known(entry, ENTRY_FIELDS, cwhere)
             ref = _require(entry, "channel", str, cwhere)
             if ref not in channels:
                 raise CatalogError(f"{cwhere}: field `channel`: unknown channel {ref!r}")
@@ -174,6 +189,7 @@ def parse_catalog(data: Any, *, source: str, env: Any) -> Catalog:
 
 
 def _parse_price(price: dict[str, Any], where: str) -> PriceNano:
+    _only_known(price, PRICE_FIELDS, where, prefix="price.")
     values: dict[str, int] = {}
     for name in ("input", "output", "cached_input"):
         if name not in price:
@@ -191,6 +207,20 @@ def _parse_price(price: dict[str, Any], where: str) -> PriceNano:
             raise CatalogError(f"{where}: field `price.{name}`: {exc}") from exc
     cached = values.get("cached_input", values["input"])
     return PriceNano(values["input"], values["output"], cached)
+
+
+def _only_known(raw: dict[str, Any], known: tuple[str, ...], where: str, prefix: str = "") -> None:
+    """A misspelt field must not be silently ignored: `retires: 2` would leave retries at 0."""
+    for key in raw:
+        if key in known:
+            continue
+        name = f"`{prefix}{key}`"
+        if isinstance(key, str) and key.lower() in SECRET_FIELDS:
+            raise CatalogError(f"{where}: field {name}: credentials never go in the catalog; put the key in an "
+                               "environment variable and name that variable in `api_key_env`")
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f" (did you mean `{prefix}{close[0]}`?)" if close else f"; known fields: {', '.join(known)}"
+        raise CatalogError(f"{where}: field {name}: unknown field{hint}")
 
 
 def _require(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:

@@ -75,9 +75,27 @@ def test_bundled_catalog_loads_for_metering_without_the_sim_url() -> None:
          "model 'gpt-4o-mini', channels[0]", "field `upstream_model`: missing"),
         (lambda d: d["models"][0]["channels"][0]["price"].update(input=1.2),
          "model 'gpt-4o-mini', channels[0]", "field `price.input`: write prices as quoted decimal strings"),
+        (lambda d: d["channels"][0].update(retires=2),
+         "channel 'cheap-a'", "field `retires`: unknown field (did you mean `retries`?)"),
+        (lambda d: d["channels"][1].update(api_key="sk-live-123"),
+         "channel 'openai-direct'", "field `api_key`: credentials never go in the catalog; put the key in an "
+                                    "environment variable and name that variable in `api_key_env`"),
+        (lambda d: d["models"][0].update(max_tokens=100),
+         "model 'gpt-4o-mini'", "field `max_tokens`: unknown field (did you mean `max_output_tokens`?)"),
+        (lambda d: d["models"][0]["channels"][0].update(upstream="x"),
+         "model 'gpt-4o-mini', channels[0]", "field `upstream`: unknown field (did you mean `upstream_model`?)"),
+        (lambda d: d["models"][0]["channels"][0]["price"].update(cache_input="0.30"),
+         "model 'gpt-4o-mini', channels[0]", "field `price.cache_input`: unknown field (did you mean `price.cached_input`?)"),
+        (lambda d: d.update(modles=[]),
+         "top level", "field `modles`: unknown field (did you mean `models`?)"),
+        (lambda d: d["channels"][0].update(weight=3),
+         "channel 'cheap-a'", "field `weight`: unknown field; known fields: id, route, base_url, api_key_env, timeout_s, retries"),
+        (lambda d: d.update(models=[]),
+         "top level", "field `models`: needs at least one model"),
     ],
     ids=["unknown-channel", "duplicate-id", "negative-price", "missing-price", "missing-route",
-         "missing-upstream-model", "float-price"],
+         "missing-upstream-model", "float-price", "misspelt-retries", "inline-secret", "misspelt-model-field",
+         "misspelt-entry-field", "misspelt-price-field", "misspelt-top-level", "unknown-field", "no-models"],
 )
 def test_bad_catalog_names_file_entry_and_field(
     tmp_path: pathlib.Path, change: Callable[[dict[str, Any]], object], entry: str, field: str
