@@ -123,6 +123,13 @@ class Edge:
     @staticmethod
     def _header(request: Request, name: str) -> str:
         value = request.headers.get(name, "")
+        if not value.isascii():
+            # HTTP hands header bytes over as Latin-1; clients (httpx, the openai SDK, curl)
+            # send non-ASCII text as UTF-8. Read it as such, so "schritt-ü" stays "schritt-ü".
+            try:
+                value = value.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise shapes.invalid(f"The `{name}` header must be UTF-8 text.", name) from None
         if len(value) > MAX_HEADER_VALUE_CHARS:
             raise shapes.invalid(f"The `{name}` header may be at most {MAX_HEADER_VALUE_CHARS} characters.", name)
         return value

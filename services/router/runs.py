@@ -48,8 +48,10 @@ def parse_run_request(raw: bytes) -> RunRequest:
     if not isinstance(body, dict):
         raise _invalid("The request body must be a JSON object.", None)
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable():
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
         raise _invalid(f"`name` is required: a string of 1 to {MAX_NAME_CHARS} characters.", "name")
+    if not name.isprintable():
+        raise _invalid("`name` must be printable text: no control characters (tabs, newlines, escapes).", "name")
 
     budgets = {"wallet": 0, "credit": 0}
     budget = body.get("budget")
@@ -82,8 +84,12 @@ def parse_run_request(raw: bytes) -> RunRequest:
             if not isinstance(model, str) or not model:
                 raise _invalid(f"`{where}.model` is required.", f"{where}.model")
             step = item.get("step", "")
-            if not isinstance(step, str) or len(step) > MAX_NAME_CHARS or not step.isprintable():
-                raise _invalid(f"`{where}.step` must be a string.", f"{where}.step")
+            if not isinstance(step, str) or len(step) > MAX_NAME_CHARS:
+                raise _invalid(f"`{where}.step` must be a string of at most {MAX_NAME_CHARS} characters.",
+                               f"{where}.step")
+            if not step.isprintable():
+                raise _invalid(f"`{where}.step` must be printable text: no control characters (tabs, newlines, "
+                               "escapes).", f"{where}.step")
             steps.append(metering_pb2.PlanStep(
                 model=model,
                 calls=_count(item.get("calls"), f"{where}.calls", 1, MAX_CALLS),

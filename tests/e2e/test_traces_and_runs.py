@@ -110,6 +110,33 @@ def test_run_input_errors_name_the_field(customer: Customer) -> None:
     assert customer.wallet() == Decimal("10.00")
 
 
+def test_control_characters_in_run_names_and_steps_are_refused_as_such(customer: Customer) -> None:
+    with customer.client() as c:
+        for body, param in (({"name": "evil\u001b[31mred"}, "name"),
+                            ({"name": "x", "plan": [{"model": "gpt-4o-mini", "step": "a\nb"}]}, "plan[0].step")):
+            resp = c.post("/v1/runs", json=body)
+            assert resp.status_code == 400, resp.text
+            err = resp.json()["error"]
+            assert err["param"] == param and "no control characters" in err["message"], err
+
+
+def test_a_utf8_run_step_header_reaches_the_receipt_and_report_intact(customer: Customer) -> None:
+    step = "schritt-ü 段"
+    with customer.client() as c:
+        run = c.post("/v1/runs", json={"name": "unicode"}).json()
+        resp = c.post("/v1/chat/completions",
+                      json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                      headers={"X-TF-Run-Id": run["id"], "X-TF-Run-Step": step.encode("utf-8")})
+        assert resp.status_code == 200, resp.text
+        assert receipt(customer, resp.headers["x-tf-receipt-id"])["run"] == {"id": run["id"], "step": step}
+        report = c.get(f"/v1/runs/{run['id']}").json()
+        assert [s["step"] for s in report["by_step"]] == [step]
+        bad = c.post("/v1/chat/completions",
+                     json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                     headers={"X-TF-Run-Id": run["id"], "X-TF-Run-Step": b"caf\xe9"})  # Latin-1, not UTF-8
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-tf-run-step", bad.text
+
+
 def test_run_budget_is_never_passed_under_concurrency_and_the_report_adds_up(stack) -> None:
     c = make_customer(stack, wallet="10.00")
     budget = Decimal("0.000400")
