@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import sys
 import uuid
 
 import httpx
@@ -25,6 +28,18 @@ async def main(ns: argparse.Namespace) -> int:
             r.raise_for_status()
         key = (await http.post("/admin/v1/keys", json={"account_id": acct["id"], "name": "research-agent",
                                                        "route_policy": "auto"})).json()
+    if ns.json:
+        # One JSON document on stdout: who the demo made, and the run report (the story the
+        # text mode prints as it goes is not part of it).
+        story = io.StringIO()
+        try:
+            report = await research(url, key["key"], budget_wallet="1.00", out=story)
+        except SystemExit:
+            print(story.getvalue(), end="", file=sys.stderr)  # why it did not start
+            raise
+        print(json.dumps({"account_id": acct["id"], "key": {"id": key["id"], "secret": key["key"]},
+                          "report": report}, indent=2))
+        return 0
     print(f"demo account {acct['id']} (wallet 5.00 CNY, credit 1.00 CREDIT), key {key['id']} (policy auto)")
     # A fresh demo key: printed so the run report (terminal and page) can be opened with it.
     print(f"demo key secret: {key['key']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -46,6 +47,18 @@ def test_demo_runs_to_completion_with_timeouts_retries_and_fallbacks(tmp_path) -
                              capture_output=True, text=True, timeout=30)
         assert got.returncode == 0, got.stdout + got.stderr
         assert run_id in (tmp_path / "report.html").read_text()
+
+        # --json: one JSON document, the run report with the same figures as the text
+        out = subprocess.run(
+            [sys.executable, "-m", "tokenforge.cli", "demo", "--url", stack.url, "--admin-token", stack.admin_token,
+             "--json"], capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["key"]["secret"].startswith("sk-tf-") and doc["account_id"].startswith("acct_")
+        report = doc["report"]
+        assert report["totals"]["wallet"]["calls"] == 11
+        assert len(report["receipts"]) == 11
+        assert {s["step"] for s in report["by_step"]} >= {"market data", "analysis", "risks", "summary"}
 
         # A balance that cannot cover the high estimate: the agent prints why and never starts.
         poor = make_customer(stack, wallet="0.001000", credit=None, route_policy="routed")
