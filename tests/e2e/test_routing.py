@@ -92,6 +92,17 @@ def test_upstream_400_is_not_retried_and_reaches_the_client(customer: Customer) 
     assert customer.balance() == before
 
 
+def test_upstream_401_is_the_channels_fault_retried_then_fallen_back(customer: Customer) -> None:
+    raw = customer.openai().chat.completions.with_raw_response.create(
+        model="m-401", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    r = receipt(customer, raw.headers["x-tf-receipt-id"])
+    assert [(a["channel"], a["outcome"], a["http_status"]) for a in r["attempts"]] == [
+        ("cheap-a", "http_error", 401), ("cheap-a", "http_error", 401), ("cheap-b", "success", 200)]
+    assert r["status"] == "settled" and r["error"] is None
+    assert Decimal(r["amount"]) == cost(r["usage"], "1.60", "6.40") > 0  # at the backup's price, once
+    assert customer.wallet() == Decimal("10.00") - Decimal(r["amount"])
+
+
 def test_routed_key_never_reaches_a_direct_channel(stack) -> None:
     routed = make_customer(stack, wallet="10.00", credit="10.00", route_policy="routed")
     with pytest.raises(openai.APIStatusError) as info:
