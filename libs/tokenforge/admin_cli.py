@@ -15,6 +15,9 @@ import httpx
 
 from tokenforge.terminal import printable_lines
 
+DEFAULT_EDGE_URL = "http://127.0.0.1:8080"
+EDGE_URL_FILE = "edge-url"  # written by `tokenforge up` in its data folder
+
 
 def add_connection_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
     """The options every command that talks to a stack takes. With `suppress`, a repeat on a
@@ -23,8 +26,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser, *, suppress: bool 
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--url", default=default(os.environ.get("TF_EDGE_URL", "http://127.0.0.1:8080")),
-                        help="the edge URL (default $TF_EDGE_URL or http://127.0.0.1:8080)")
+    parser.add_argument("--url", default=default(None),
+                        help="the edge URL (default $TF_EDGE_URL, else the one `up` wrote to DATA_DIR/edge-url, "
+                             f"else {DEFAULT_EDGE_URL})")
     parser.add_argument("--admin-token", default=default(None),
                         help="admin token (default $TF_ADMIN_TOKEN or DATA_DIR/admin-token)")
     parser.add_argument("--data-dir", default=default("./.tokenforge"), help="where `up` wrote admin-token")
@@ -106,6 +110,18 @@ def _admin_token(ns: argparse.Namespace) -> str:
     raise SystemExit("no admin token: pass --admin-token, set TF_ADMIN_TOKEN, or run from the folder where `tokenforge up` ran")
 
 
+def edge_url(ns: argparse.Namespace) -> str:
+    """--url, else $TF_EDGE_URL, else the URL the `up` of --data-dir printed, else the default."""
+    if getattr(ns, "url", None):
+        return str(ns.url).rstrip("/")
+    if os.environ.get("TF_EDGE_URL"):
+        return os.environ["TF_EDGE_URL"].rstrip("/")
+    path = pathlib.Path(ns.data_dir) / EDGE_URL_FILE
+    if path.exists():
+        return path.read_text().strip().rstrip("/")
+    return DEFAULT_EDGE_URL
+
+
 def _api_key(ns: argparse.Namespace) -> str | None:
     return ns.api_key or os.environ.get("TOKENFORGE_API_KEY") or None
 
@@ -123,11 +139,13 @@ def _request(ns: argparse.Namespace, method: str, path: str, body: Any = None, *
     token = _admin_token(ns) if admin else _api_key(ns)
     if not token:
         raise SystemExit("this command needs --api-key (or TOKENFORGE_API_KEY)")
+    url = edge_url(ns)
     try:
-        resp = httpx.request(method, ns.url.rstrip("/") + path, json=body,
+        resp = httpx.request(method, url + path, json=body,
                              headers={"authorization": f"Bearer {token}"}, timeout=30)
     except httpx.HTTPError as exc:
-        raise SystemExit(f"cannot reach the edge at {ns.url}: {exc}") from None
+        raise SystemExit(f"cannot reach the edge at {url}: {exc}. Is `tokenforge up` running? Pass --url "
+                         "(or set TF_EDGE_URL) with the edge URL it printed.") from None
     try:
         data = resp.json()
     except ValueError:  # not our JSON (a proxy's page, a plain-text 500): say what came back

@@ -10,13 +10,13 @@ import uuid
 
 import httpx
 
-from tokenforge.admin_cli import _admin_token
+from tokenforge.admin_cli import _admin_token, edge_url
 
 
 async def main(ns: argparse.Namespace) -> int:
     from tokenforge.examples.research_agent import research
 
-    url = ns.url.rstrip("/")
+    url = edge_url(ns)
     admin = {"authorization": f"Bearer {_admin_token(ns)}"}
     async with httpx.AsyncClient(base_url=url, headers=admin, timeout=30) as http:
         acct = (await http.post("/admin/v1/accounts", json={"name": f"demo-{uuid.uuid4().hex[:6]}"})).json()

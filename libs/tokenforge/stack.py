@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import psutil
 
 from tokenforge import GRPC_EXPERIMENTS
+from tokenforge.admin_cli import EDGE_URL_FILE
 from tokenforge.catalog import CatalogError, bundled_catalog_path, load_catalog
 from tokenforge.config import Settings
 
@@ -350,6 +351,8 @@ def up(*, catalog: str | None, data_dir: str, http_port: int) -> int:
         stack.wait_healthy(env)
         elapsed = time.monotonic() - started
         token = env["TF_ADMIN_TOKEN"]
+        # the CLI run from this folder finds the edge without --url
+        (stack.data_dir / EDGE_URL_FILE).write_text(f"http://127.0.0.1:{stack.http_port}\n")
         print(f"tokenforge is up in {elapsed:.1f} s", flush=True)
         print(f"edge: http://127.0.0.1:{stack.http_port}", flush=True)
         print(f"admin token: {token}", flush=True)

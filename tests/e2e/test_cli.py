@@ -105,3 +105,25 @@ def test_a_flag_given_wins_over_an_exported_api_key(stack, tmp_path) -> None:
                   env_key=admin_own.secret, cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     assert run["id"] in report.stdout
+
+
+def test_the_cli_finds_the_edge_that_up_started_in_its_data_folder(stack, tmp_path) -> None:
+    import os
+
+    from tokenforge.stack import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ADMIN_TOKEN", "TF_EDGE_URL", "TOKENFORGE_API_KEY")}
+    assert (stack.data_dir / "edge-url").read_text().strip() == stack.url
+    out = subprocess.run([sys.executable, "-m", "tokenforge.cli", "admin", "--data-dir", str(stack.data_dir), "audit"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+    # Nothing there: the error says what to do, not only "connection refused".
+    (tmp_path / "admin-token").write_text("tf-admin-x\n")
+    (tmp_path / "edge-url").write_text(f"http://127.0.0.1:{free_port()}\n")
+    out = subprocess.run([sys.executable, "-m", "tokenforge.cli", "admin", "--data-dir", str(tmp_path), "audit"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0
+    assert "cannot reach the edge at http://127.0.0.1:" in out.stderr
+    assert "Pass --url (or set TF_EDGE_URL) with the edge URL it printed." in out.stderr
