@@ -787,7 +787,9 @@ class Book:
                 raise TFError(
                     "run_budget_exceeded",
                     f"run {run.id} has {format_nano(run.reserved[op.bucket])} {op.bucket.unit} "
-                    f"of its budget left; this request needs up to {format_nano(op.amount_nano)}",
+                    f"of its budget left; this request needs up to {format_nano(op.amount_nano)} "
+                    f"{op.bucket.unit} (its prompt and `max_tokens` at the channel's price: a lower "
+                    "`max_tokens` needs less)",
                 )
         else:
             room = key.room_nano(op.bucket, self.today)
@@ -795,14 +797,17 @@ class Book:
                 raise TFError(
                     "key_budget_exceeded",
                     f"this key's {op.bucket.value} limit leaves {format_nano(room)} "
-                    f"{op.bucket.unit}; this request needs up to {format_nano(op.amount_nano)}",
+                    f"{op.bucket.unit}; this request needs up to {format_nano(op.amount_nano)} "
+                    f"{op.bucket.unit} (its prompt and `max_tokens` at the channel's price: a lower "
+                    "`max_tokens` needs less)",
                 )
             if row.available_nano < op.amount_nano:
                 raise TFError(
                     "insufficient_balance",
                     f"the {op.bucket.value} has {format_nano(row.available_nano)} "
                     f"{op.bucket.unit} available; this request needs up to "
-                    f"{format_nano(op.amount_nano)}. Top up the {op.bucket.value}.",
+                    f"{format_nano(op.amount_nano)} {op.bucket.unit}. Top up the {op.bucket.value}, "
+                    "or ask for a lower `max_tokens`.",
                 )
 
         hold = HoldRow(

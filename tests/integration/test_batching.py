@@ -202,7 +202,7 @@ async def test_bad_calls_fail_alone_with_their_own_error_word(stub, kind) -> Non
         ("invalid_request", "request_id"),
         ("insufficient_balance", None),
     ], results
-    assert "needs up to 2.00" in results[7].message
+    assert "needs up to 2.000000 CNY" in results[7].message and "`max_tokens`" in results[7].message
     # only the good holds moved money; the bad ones left no hold behind
     assert await wallet(stub, c.account_id) == (ONE, 6 * DIME, 4 * DIME)
     for missing in (zero_rid, unknown_rid):
