@@ -226,6 +226,9 @@ def _amount(mc: ModelChannel, usage: Usage, *, hold: bool) -> int:
     return amount
 
 
+MIN_HOLD_NANO = 1
+
+
 def quote(book: PriceBook, model: str, channel_id: str, prompt_tokens: int, max_tokens: int) -> Quote:
     """The hold for one request: its prompt plus the most output it may produce, rounded up."""
     mc = book.entry(model, channel_id)
@@ -234,7 +237,9 @@ def quote(book: PriceBook, model: str, channel_id: str, prompt_tokens: int, max_
     assert 0 <= prompt_tokens <= MAX_TOKENS * 10, prompt_tokens
     output_tokens = max_tokens or book.model(model).max_output_tokens
     amount = _amount(mc, Usage(prompt_tokens, output_tokens), hold=True)
-    return Quote(amount, mc.channel.bucket, prompt_tokens, output_tokens)
+    # A free model (price 0) still holds the smallest unit: every request has a hold to settle,
+    # and so its receipt; the settlement charges 0 and releases it.
+    return Quote(max(amount, MIN_HOLD_NANO), mc.channel.bucket, prompt_tokens, output_tokens)
 
 
 def rate(

@@ -43,7 +43,7 @@ from tokenforge.router.upstream import (
     open_stream,
     post_json,
 )
-from tokenforge.router.usage import message_text, usage_from_openai
+from tokenforge.router.usage import message_text, openai_usage, usage_from_openai
 from tokenforge.telemetry import AttemptCollector, hex_trace_id
 from tokenforge.v1 import common_pb2, ledger_pb2, metering_pb2, router_pb2
 
@@ -107,6 +107,14 @@ class Ticket:
     pending_hold: tuple[Bucket, int, asyncio.Future[Any]] | None = None
     holds: dict[Bucket, int] = field(default_factory=dict)
     attempts: int = 0
+
+
+def usage_from_openai_or_none(raw: Any) -> dict[str, int] | None:
+    """The upstream's usage, or None when it sent none or one that cannot be billed."""
+    try:
+        return usage_from_openai(raw)
+    except AttemptFailed:
+        return None
 
 
 class AllFailed(Exception):
@@ -448,6 +456,7 @@ class Router:
             if usage is None:
                 usage = await self._estimated_usage(t, message_text(data.get("choices")))
                 source = "estimated"
+                data["usage"] = openai_usage(usage)  # what was billed, as the client expects a usage
             rated = await self._rate(t, el, usage, source)
             attempt_spans.record_success(
                 span, outcome="success", http_status=status, response_model=response_model,
@@ -728,6 +737,10 @@ class Router:
             yield router_pb2.ChatCompletionChunk(error_json=json.dumps(error.openai_body()).encode())
             settlement = await asyncio.shield(settling)
         else:
+            if t.req.include_usage and usage_from_openai_or_none(state.usage_raw) is None:
+                # The client asked for usage and the upstream sent none: it gets the count we bill.
+                state.estimated_usage = await self._estimated_usage(t, state.text())
+                yield router_pb2.ChatCompletionChunk(chunk_json=state.usage_chunk(t.req, state.estimated_usage))
             settlement = await self._shielded(self._finish_stream(t, el, n, span, upstream, state, "settled"))
         yield router_pb2.ChatCompletionChunk(settlement=settlement)
 
@@ -745,7 +758,7 @@ class Router:
             source = "estimated"
             if status == "cancelled" and not text:
                 return None, source, None  # nothing generated: nothing charged (SPEC §7 rule 8)
-            usage = await self._estimated_usage(t, text)
+            usage = state.estimated_usage or await self._estimated_usage(t, text)
         try:
             rated = await self._rate(t, el, usage, source)
         except AttemptFailed:

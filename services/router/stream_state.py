@@ -6,7 +6,7 @@ from typing import Any
 
 from tokenforge import jsonfast
 from tokenforge.router.request import ChatRequest
-from tokenforge.router.usage import delta_text
+from tokenforge.router.usage import delta_text, openai_usage
 
 
 class StreamState:
@@ -18,6 +18,9 @@ class StreamState:
         self.usage_raw: Any = None
         self.response_model: str | None = None
         self.broken: str | None = None
+        self.chunk_id: Any = None  # the upstream's chunk id and time, for a usage chunk of ours
+        self.created: Any = None
+        self.estimated_usage: dict[str, int] | None = None  # counted locally when the upstream gave none
 
     def text(self) -> str:
         return "".join(self.parts)
@@ -29,6 +32,8 @@ class StreamState:
         model = event.get("model")
         if isinstance(model, str):
             self.response_model = model
+        if self.chunk_id is None:
+            self.chunk_id, self.created = event.get("id"), event.get("created")
         choices = event.get("choices")
         piece = delta_text(choices)
         if piece and self.chars < self.MAX_TEXT_CHARS:
@@ -40,3 +45,10 @@ class StreamState:
             event.pop("usage", None)
         event["model"] = req.model
         return jsonfast.dumps(event)
+
+    def usage_chunk(self, req: ChatRequest, usage: dict[str, int]) -> bytes:
+        """The final usage chunk a client that asked for one gets when the upstream sent none."""
+        return jsonfast.dumps({
+            "id": self.chunk_id, "object": "chat.completion.chunk", "created": self.created,
+            "model": req.model, "choices": [], "usage": openai_usage(usage),
+        })

@@ -69,3 +69,13 @@ def delta_text(choices: Any) -> str:
             if isinstance(fn, dict):
                 parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
     return "".join(parts)
+
+
+def openai_usage(usage: dict[str, int]) -> dict[str, int]:
+    """Our usage in OpenAI's shape, for a client whose upstream reported none: what we
+    billed (counted locally; the receipt says `estimated`)."""
+    return {
+        "prompt_tokens": usage["input_tokens"],
+        "completion_tokens": usage["output_tokens"],
+        "total_tokens": usage["input_tokens"] + usage["output_tokens"],
+    }

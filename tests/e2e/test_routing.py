@@ -103,6 +103,22 @@ def test_upstream_401_is_the_channels_fault_retried_then_fallen_back(customer: C
     assert customer.wallet() == Decimal("10.00") - Decimal(r["amount"])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_free_model_is_served_with_a_receipt_and_charges_nothing(customer: Customer, stream: bool) -> None:
+    before = customer.balance()
+    body = {"model": "m-free", "messages": [{"role": "user", "content": "free?"}], "max_tokens": 8, "stream": stream}
+    with customer.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200, resp.read()
+        resp.read()
+        receipt_id = resp.headers["x-tf-receipt-id"]
+    r = wait_receipt(customer, receipt_id)
+    assert r["status"] == "settled" and r["usage"]["output_tokens"] > 0
+    assert r["amount"] == "0" and r["bucket"] is None
+    # the smallest unit was held for it, and went back
+    assert (r["held"], r["released"]) == ("0.000000001", "0.000000001")
+    assert customer.balance() == before
+
+
 def test_routed_key_never_reaches_a_direct_channel(stack) -> None:
     routed = make_customer(stack, wallet="10.00", credit="10.00", route_policy="routed")
     with pytest.raises(openai.APIStatusError) as info:
@@ -156,13 +172,32 @@ def test_auto_does_not_fall_back_to_direct_without_credit(stack) -> None:
 
 def test_missing_usage_is_counted_locally_and_marked_estimated(customer: Customer) -> None:
     completion, headers = chat(customer, "m-nousage")
-    assert completion.usage is None
     r = receipt(customer, headers["x-tf-receipt-id"])
     assert r["usage_source"] == "estimated" and r["attempts"][0]["usage_source"] == "estimated"
     # The simulator's answer for this prompt has 24 tokens; the prompt counts as OpenAI counts it.
     assert r["usage"]["output_tokens"] == 24
     assert r["usage"]["input_tokens"] > 4
     assert Decimal(r["amount"]) == cost(r["usage"], "1.20", "4.80")
+    # the client gets the usage it was billed for
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
+        r["usage"]["input_tokens"], 24, r["usage"]["input_tokens"] + 24)
+
+
+def test_a_stream_without_upstream_usage_gives_the_client_the_billed_usage(customer: Customer) -> None:
+    stream = customer.openai().chat.completions.with_raw_response.create(
+        model="m-nousage", messages=[{"role": "user", "content": "Stream me a story."}], max_tokens=12,
+        stream=True, stream_options={"include_usage": True})
+    receipt_id = stream.headers["x-tf-receipt-id"]
+    chunks = list(stream.parse())
+    last = chunks[-1]
+    assert not last.choices and last.usage is not None and last.model == "m-nousage"
+    assert last.id == chunks[0].id
+    r = receipt(customer, receipt_id)
+    assert r["status"] == "settled" and r["usage_source"] == "estimated"
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (r["usage"]["input_tokens"], r["usage"]["output_tokens"])
+    assert r["usage"]["output_tokens"] == 12
+    assert Decimal(r["amount"]) == cost(r["usage"], "1.20", "4.80")
+    assert sum(1 for c in chunks if c.usage is not None) == 1
 
 
 def test_cached_tokens_are_priced_at_the_cached_price(customer: Customer) -> None:

@@ -32,7 +32,7 @@ def test_a_malformed_value_names_its_variable(name, value, says):
     ("TF_REQUEST_DEADLINE_S", "0", "TF_REQUEST_DEADLINE_S must be more than 0, got 0"),
     ("TF_REQUEST_DEADLINE_S", "nan", "TF_REQUEST_DEADLINE_S must be a finite number, got 'nan'"),
     ("TF_HOLD_TTL_S", "0", "TF_HOLD_TTL_S must be at least 1, got 0"),
-    ("TF_EDGE_PORT", "70000", "TF_EDGE_PORT must be from 1 to 65535, got 70000"),
+    ("TF_EDGE_PORT", "70000", "TF_EDGE_PORT must be from 0 to 65535, got 70000"),
     ("TF_DB_POOL_SIZE", "0", "TF_DB_POOL_SIZE must be at least 1, got 0"),
     ("TF_KEY_CACHE_TTL_S", "-0.5", "TF_KEY_CACHE_TTL_S must be at least 0, got -0.5"),
     ("TF_MAX_BODY_BYTES", "10", "TF_MAX_BODY_BYTES must be at least 1024, got 10"),
