@@ -37,6 +37,7 @@ MD_CODE = "tf-error-code"
 MD_PARAM = "tf-error-param"
 MD_RECEIPT = "tf-receipt-id"
 MD_ATTEMPTS = "tf-attempts"
+MD_UNIT = "tf-unit"  # the unit of a failed request's receipt (it charged 0 of it)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TFError(Exception):
     param: str | None = None
     receipt_id: str | None = None
     attempts: int | None = None
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         assert self.code in ERROR_TABLE, f"unknown error word {self.code!r}"
@@ -81,6 +83,8 @@ class TFError(Exception):
             md.append((MD_RECEIPT, self.receipt_id))
         if self.attempts is not None:
             md.append((MD_ATTEMPTS, str(self.attempts)))
+        if self.unit:
+            md.append((MD_UNIT, self.unit))
         return tuple(md)
 
 
@@ -118,4 +122,5 @@ def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> TFError:
         param=md.get(MD_PARAM),
         receipt_id=md.get(MD_RECEIPT),
         attempts=int(attempts) if attempts else None,
+        unit=md.get(MD_UNIT),
     )

@@ -31,12 +31,17 @@ BODY_READ_TIMEOUT_S = 30.0
 MAX_HEADER_VALUE_CHARS = 200
 
 
-def error_response(err: TFError) -> Response:
+def error_response(err: TFError, trace_id: str | None = None) -> Response:
     headers = {}
     if err.receipt_id:
         headers["x-tf-receipt-id"] = err.receipt_id
+        if err.unit:  # a request that failed after an attempt: its receipt charged nothing
+            headers["x-tf-amount"] = "0"
+            headers["x-tf-unit"] = err.unit
     if err.attempts is not None:
         headers["x-tf-attempts"] = str(err.attempts)
+    if trace_id:
+        headers["x-tf-trace-id"] = trace_id
     return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
 
 
@@ -163,7 +168,7 @@ class Edge:
             try:
                 resp = await _unless_client_leaves(request, call, call)
             except grpc.aio.AioRpcError as exc:
-                return error_response(self._router_error(exc))
+                return error_response(self._router_error(exc), trace_id)
             except ClientGone:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             s = resp.settlement
@@ -186,7 +191,7 @@ class Edge:
         try:
             first = await _unless_client_leaves(request, call, iterator.__anext__())
         except grpc.aio.AioRpcError as exc:
-            return error_response(self._router_error(exc))
+            return error_response(self._router_error(exc), trace_id)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except StopAsyncIteration:

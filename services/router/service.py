@@ -107,6 +107,7 @@ class Ticket:
     pending_hold: tuple[Bucket, int, asyncio.Future[Any]] | None = None
     holds: dict[Bucket, int] = field(default_factory=dict)
     attempts: int = 0
+    skipped: list[str] = field(default_factory=list)  # fallbacks not tried: "channel (why)"
 
 
 def usage_from_openai_or_none(raw: Any) -> dict[str, int] | None:
@@ -321,6 +322,7 @@ class Router:
         except TFError as err:
             if err.code in REFUSAL_CODES:
                 t.span.add_event("fallback skipped", {"tf.channel": el.channel.channel.id, "tf.reason": err.code})
+                t.skipped.append(f"{el.channel.channel.id} ({err.code} in {bucket.value})")
                 return False
             raise
         for other in [b for b in t.holds if b is not bucket]:
@@ -579,16 +581,20 @@ class Router:
     async def _settle_failure(self, t: Ticket, exc: BaseException) -> TFError:
         """All attempts failed (or the upstream refused the request): a `failed` receipt,
         nothing charged, and the error the client gets."""
+        not_tried = f" Fallbacks not tried: {', '.join(t.skipped)}." if t.skipped else ""
         if isinstance(exc, AttemptFailed) and exc.client_fault:
             err = TFError("invalid_request", f"The upstream rejected the request: {exc.error}", None)
         elif isinstance(exc, AllFailed) and exc.all_timeouts:
-            err = TFError("upstream_timeout", f"Every eligible channel timed out ({t.attempts} attempts). The receipt lists them.")
+            err = TFError("upstream_timeout", f"Every eligible channel timed out ({t.attempts} attempts). "
+                                              f"The receipt lists them.{not_tried}")
         else:
             last = exc.last.error if isinstance(exc, AllFailed) and exc.last else "no channel could be tried"
-            err = TFError("upstream_error", f"Every eligible channel failed ({t.attempts} attempts); last: {last}. The receipt lists them.")
+            err = TFError("upstream_error", f"Every eligible channel failed ({t.attempts} attempts); last: {last}. "
+                                            f"The receipt lists them.{not_tried}")
         settlement = await self._settle(t, "failed", None, receipt_error(err))
         err.receipt_id = settlement.receipt_id
         err.attempts = t.attempts
+        err.unit = settlement.unit
         return err
 
     def _in_background(self, coro: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None = None) -> asyncio.Future[Any]:
@@ -646,6 +652,7 @@ class Router:
             else:
                 err.receipt_id = settlement.receipt_id
                 err.attempts = t.attempts
+                err.unit = settlement.unit
             finally:
                 t.span.end()
             raise

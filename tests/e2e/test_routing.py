@@ -68,6 +68,8 @@ def test_all_channels_failing_is_502_with_a_failed_receipt_and_nothing_charged(c
     assert err.status_code == 502 and err.body["code"] == "upstream_error"
     assert err.response.headers["x-tf-attempts"] == "4"
     r = receipt(customer, err.response.headers["x-tf-receipt-id"])
+    assert (err.response.headers["x-tf-amount"], err.response.headers["x-tf-unit"]) == ("0", "CNY")
+    assert err.response.headers["x-tf-trace-id"] == r["trace_id"]
     assert r["status"] == "failed"
     assert [(a["channel"], a["role"], a["http_status"]) for a in r["attempts"]] == [
         ("cheap-a", "primary", 500), ("cheap-a", "primary", 500), ("cheap-b", "backup", 503), ("cheap-b", "backup", 503)]
@@ -165,8 +167,10 @@ def test_auto_does_not_fall_back_to_direct_without_credit(stack) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         chat(auto, "m-mixed")
     assert info.value.status_code == 502
+    assert "Fallbacks not tried: openai-direct (insufficient_balance in credit)." in info.value.body["message"]
     r = receipt(auto, info.value.response.headers["x-tf-receipt-id"])
     assert {a["route"] for a in r["attempts"]} == {"routed"}
+    assert r["error"]["message"] == info.value.body["message"]
     assert auto.wallet() == Decimal("10.00")
 
 
