@@ -792,7 +792,7 @@ def test_a_router_frozen_past_its_holds_settles_late_under_the_same_receipt_ids(
     for o in outcomes:
         assert o.kind == "ok", o
         r = by_id[o.receipt_id]
-        assert r["status"] == "settled" and "error" not in r and r["usage_source"] == "upstream", r
+        assert r["status"] == "settled" and r["error"] is None and r["usage_source"] == "upstream", r
         assert Decimal(r["amount"]) == price(r["usage"], "1.20", "4.80") > 0 and r["uncollected"] == "0", r
         assert {h["state"] for h in r["holds"]} == {"expired"}, r  # charged from the balance, not a hold
     check_attempts_match_upstream(stack, receipts)
