@@ -43,7 +43,12 @@ from tokenforge.router.upstream import (
     open_stream,
     post_json,
 )
-from tokenforge.router.usage import message_text, openai_usage, usage_from_openai
+from tokenforge.router.usage import (
+    message_text,
+    openai_usage,
+    usage_from_openai,
+    usage_from_openai_or_none,
+)
 from tokenforge.telemetry import AttemptCollector, hex_trace_id
 from tokenforge.v1 import common_pb2, ledger_pb2, metering_pb2, router_pb2
 
@@ -108,14 +113,6 @@ class Ticket:
     holds: dict[Bucket, int] = field(default_factory=dict)
     attempts: int = 0
     skipped: list[str] = field(default_factory=list)  # fallbacks not tried: "channel (why)"
-
-
-def usage_from_openai_or_none(raw: Any) -> dict[str, int] | None:
-    """The upstream's usage, or None when it sent none or one that cannot be billed."""
-    try:
-        return usage_from_openai(raw)
-    except AttemptFailed:
-        return None
 
 
 class AllFailed(Exception):
@@ -757,10 +754,7 @@ class Router:
         """The usage of a stream that ended (as `status`), its source, and its rating."""
         text = state.text()
         source = "upstream"
-        try:
-            usage = usage_from_openai(state.usage_raw)
-        except AttemptFailed:
-            usage = None
+        usage = usage_from_openai_or_none(state.usage_raw)
         if usage is None:
             source = "estimated"
             if status == "cancelled" and not text:

@@ -37,6 +37,15 @@ def usage_from_openai(raw: Any) -> dict[str, int] | None:
     return values  # type: ignore[return-value]
 
 
+def usage_from_openai_or_none(raw: Any) -> dict[str, int] | None:
+    """The upstream's usage, or None when it sent none or one that cannot be billed (a
+    stream's output is delivered already: it is then counted locally instead)."""
+    try:
+        return usage_from_openai(raw)
+    except AttemptFailed:
+        return None
+
+
 def message_text(choices: Any) -> str:
     """All text the upstream generated in a non-streaming answer (for local counting)."""
     parts: list[str] = []

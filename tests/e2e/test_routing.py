@@ -187,12 +187,16 @@ def test_missing_usage_is_counted_locally_and_marked_estimated(customer: Custome
         r["usage"]["input_tokens"], 24, r["usage"]["input_tokens"] + 24)
 
 
-def test_a_stream_without_upstream_usage_gives_the_client_the_billed_usage(customer: Customer) -> None:
+def stream_with_usage(customer: Customer, model: str) -> tuple[str, list]:
+    """A 12-token story streamed with `include_usage`: its receipt id and every chunk."""
     stream = customer.openai().chat.completions.with_raw_response.create(
-        model="m-nousage", messages=[{"role": "user", "content": "Stream me a story."}], max_tokens=12,
+        model=model, messages=[{"role": "user", "content": "Stream me a story."}], max_tokens=12,
         stream=True, stream_options={"include_usage": True})
-    receipt_id = stream.headers["x-tf-receipt-id"]
-    chunks = list(stream.parse())
+    return stream.headers["x-tf-receipt-id"], list(stream.parse())
+
+
+def test_a_stream_without_upstream_usage_gives_the_client_the_billed_usage(customer: Customer) -> None:
+    receipt_id, chunks = stream_with_usage(customer, "m-nousage")
     last = chunks[-1]
     assert not last.choices and last.usage is not None and last.model == "m-nousage"
     assert last.id == chunks[0].id
@@ -222,11 +226,7 @@ def test_the_model_that_answered_is_on_the_receipt(customer: Customer) -> None:
 
 
 def test_streaming_with_usage(customer: Customer) -> None:
-    stream = customer.openai().chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Stream me a story."}], max_tokens=12,
-        stream=True, stream_options={"include_usage": True})
-    receipt_id = stream.headers["x-tf-receipt-id"]
-    chunks = list(stream.parse())
+    receipt_id, chunks = stream_with_usage(customer, "gpt-4o-mini")
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and all(c.model == "gpt-4o-mini" for c in chunks)
     usage = chunks[-1].usage
