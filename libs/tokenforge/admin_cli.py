@@ -237,7 +237,7 @@ def run_admin(ns: argparse.Namespace) -> int:
         _print(ns, data, "\n".join(rows) or "no keys")
     elif cmd == "audit":
         data = _request(ns, "GET", "/admin/v1/audit")
-        _print(ns, data, ("ok" if data["ok"] else "PROBLEMS:\n" + "\n".join(data["problems"])) + f" ({data['accounts_checked']} accounts checked)")
+        _print(ns, data, ("ok" if data["ok"] else "PROBLEMS:\n" + "\n".join(data["problems"])) + f" ({data['accounts_checked']} account{'' if data['accounts_checked'] == 1 else 's'} checked)")
         return 0 if data["ok"] else 1
     elif cmd == "statement":
         data = _request(ns, "GET", f"/admin/v1/accounts/{_seg(ns.account_id)}/statement?limit={ns.limit}&after={urllib.parse.quote(str(ns.after), safe='')}")
